@@ -1,0 +1,12 @@
+"""Test-wide settings: everything offline, caches in a temporary HF_HOME."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before any test module imports transformers / datasets / huggingface_hub: an accidental hub call then fails
+# fast instead of spending ~23 s on retries.
+_HF_HOME = tempfile.mkdtemp(prefix="rvl-test-hf-")
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "HF_HOME": _HF_HOME, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"})
+os.environ.setdefault("OMP_NUM_THREADS", "2")
