@@ -1,0 +1,367 @@
+"""``rvl prepare``: read every image once into a resized on-disk cache of studies.
+
+Layout of the output folder ``DIR``:
+
+- ``DIR/dataset``: a ``datasets`` dataset (``save_to_disk``), one row per study: every manifest column plus
+  ``pixels`` (list of raw uint8 ``size*size`` row-major buffers, aligned with ``image_paths``; long side resized to
+  ``size``, aspect kept, centred zero padding). ``finding_boxes`` are re-expressed in that padded square frame.
+  Images that failed to read are dropped from their study (and from ``image_paths``/``view_positions``); a study
+  with no readable image is dropped.
+- ``DIR/prepare.json``: size, counts, source manifest and the content fingerprint of the run.
+- ``DIR/skipped.csv``: ``path, study_id, reason`` for every image that failed.
+
+Re-running skips work already done: studies are processed in fixed-size shards, each named by a fingerprint of its
+rows, the cache size and every image file's size and mtime, and written atomically to ``DIR/shards/`` as soon as it
+is complete. An interrupted run resumes from the finished shards; a finished run (``prepare.json`` holding the same
+overall fingerprint) returns immediately. A changed study or image only invalidates its shard. The shards are deleted
+after the final atomic swap of ``DIR/dataset`` unless ``keep_shards=True`` (which keeps later incremental re-runs
+cheap at the cost of twice the disk space).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PrepareError", "prepare", "read_cache_frame", "load_cache", "add_arguments", "run", "CACHE_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the pixel pipeline changes: invalidates every shard fingerprint
+DEFAULT_SHARD_STUDIES = 256
+
+
+class PrepareError(RuntimeError):
+    """A fatal problem while preparing the cache (with ``strict``, the first unreadable image)."""
+
+
+# ------------------------------------------------------------------------------------------------------ the worker
+def _prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[bytes], list[int], str,
+                                                                   list[tuple[str, str]]]:
+    """Read, resize and pad one study's images. Returns (row, pixels, kept image indices, boxes JSON, failures)."""
+    from rvl.data.io import ImageReadError, box_to_square, read_image, to_square_uint8
+
+    row, paths, boxes_json, size = task
+    try:
+        boxes = json.loads(boxes_json) if boxes_json else []
+    except json.JSONDecodeError:
+        boxes = []
+    pixels, kept, new_boxes, failures = [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            image = read_image(path)
+        except ImageReadError as e:
+            failures.append((path, e.cause))
+            continue
+        except Exception as e:  # a decoder bug must not kill a 300k-image run; it is reported like any failure
+            failures.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        height, width = image.shape
+        pixels.append(to_square_uint8(image, size).tobytes())
+        kept.append(i)
+        image_boxes = boxes[i] if i < len(boxes) and isinstance(boxes[i], list) else []
+        new_boxes.append([{**b, "box": box_to_square(b["box"], height, width, size)}
+                          if isinstance(b, dict) and b.get("box") is not None else b for b in image_boxes])
+    return row, pixels, kept, json.dumps(new_boxes), failures
+
+
+# ------------------------------------------------------------------------------------------------------ fingerprints
+def _study_fingerprint(record: dict[str, Any], size: int) -> str:
+    stats = []
+    for path in record["image_paths"]:
+        try:
+            st = os.stat(path)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    payload = json.dumps([CACHE_VERSION, size, record, stats], sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def _combine(fingerprints: list[str]) -> str:
+    return hashlib.sha1("".join(fingerprints).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------- prepare
+def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size: int = 256, workers: int | None = None,
+            strict: bool = False, format: str = "auto", shard_studies: int = DEFAULT_SHARD_STUDIES,
+            keep_shards: bool = False, progress: bool = True, **reader_kwargs: Any) -> dict[str, Any]:
+    """Read every image of a manifest once into a resized on-disk ``datasets`` cache (see the module docstring).
+
+    Args:
+        manifest: anything ``read_manifest`` accepts (path in any supported format, or an already-read DataFrame).
+        out_dir: output folder (created).
+        size: side of the square cache images.
+        workers: reader processes; default the number of usable CPUs; 0/1 reads in this process.
+        strict: raise ``PrepareError`` on the first unreadable image instead of skipping it.
+        format: manifest format for ``read_manifest``.
+        shard_studies: studies per resumable shard.
+        keep_shards: keep ``DIR/shards`` after finishing (cheap incremental re-runs, twice the disk space).
+        progress: tqdm progress bar.
+        **reader_kwargs: passed to ``read_manifest`` (e.g. ``reports=`` for a DICOM folder).
+
+    Returns:
+        Summary dict (counts, timings, whether shards were reused); also written to ``DIR/prepare.json``.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from rvl.data.manifest import read_manifest
+
+    start = time.perf_counter()
+    if size < 8:
+        raise PrepareError(f"size must be >= 8, got {size}")
+    frame = manifest.reset_index(drop=True) if isinstance(manifest, pd.DataFrame) else \
+        read_manifest(manifest, format=format, **reader_kwargs)
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    records = [_jsonable(r) for r in frame.to_dict(orient="records")]
+    study_fps = [_study_fingerprint(r, size) for r in records]
+    bounds = [(s, min(s + shard_studies, len(records))) for s in range(0, len(records), max(1, shard_studies))]
+    shard_fps = [_combine(study_fps[a:b]) for a, b in bounds]
+    fingerprint = _combine(shard_fps)
+    info_path, dataset_dir = out_dir / "prepare.json", out_dir / "dataset"
+    if info_path.exists() and dataset_dir.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("fingerprint") == fingerprint:
+            if strict and info.get("n_skipped_images"):
+                with open(out_dir / "skipped.csv", newline="") as f:
+                    first = next(csv.DictReader(f))
+                raise PrepareError(f"{first['path']}: {first['reason']} (study {first['study_id']})")
+            info.update(up_to_date=True, seconds=round(time.perf_counter() - start, 2))
+            return info
+
+    schema = pa.Schema.from_pandas(frame, preserve_index=False).remove_metadata().append(
+        pa.field("pixels", pa.list_(pa.binary())))
+    todo = [k for k, fp in enumerate(shard_fps) if not (shard_dir / f"{fp}.arrow").exists()]
+    if strict:  # a finished shard from an earlier lenient run may hold failures that strict mode must not accept
+        for k in sorted(set(range(len(shard_fps))) - set(todo)):
+            skipped = json.loads((shard_dir / f"{shard_fps[k]}.skipped.json").read_text())["skipped"]
+            if skipped:
+                raise PrepareError(f"{skipped[0]['path']}: {skipped[0]['reason']} (study {skipped[0]['study_id']})")
+    n_workers = _default_workers() if workers is None else int(workers)
+    tasks = [(row, records[row]["image_paths"], records[row]["finding_boxes"], size)
+             for k in todo for row in range(*bounds[k])]
+    bar = tqdm(total=len(records), initial=len(records) - len(tasks), unit="study", desc="prepare",
+               disable=not progress, dynamic_ncols=True)
+    pending: dict[int, dict[int, tuple]] = {k: {} for k in todo}
+    shard_of_row = {row: k for k in todo for row in range(*bounds[k])}
+    pool = multiprocessing.get_context().Pool(min(n_workers, len(tasks))) if n_workers > 1 and len(tasks) > 1 \
+        else None
+    try:
+        results = pool.imap(_prepare_study, tasks, chunksize=4) if pool else map(_prepare_study, tasks)
+        for row, pixels, kept, boxes, failures in results:
+            if strict and failures:
+                path, reason = failures[0]
+                raise PrepareError(f"{path}: {reason} (study {records[row]['study_id']})")
+            k = shard_of_row[row]
+            pending[k][row] = (pixels, kept, boxes, failures)
+            bar.update(1)
+            if len(pending[k]) == bounds[k][1] - bounds[k][0]:
+                _write_shard(shard_dir, shard_fps[k], frame.iloc[bounds[k][0]:bounds[k][1]], pending.pop(k), schema)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    info = _finalize(out_dir, shard_dir, shard_fps, progress)
+    info.update(size=size, fingerprint=fingerprint, source_manifest=str(manifest) if not isinstance(
+        manifest, pd.DataFrame) else "<DataFrame>", format=format, cache_version=CACHE_VERSION,
+        shards_reused=len(shard_fps) - len(todo), shards_built=len(todo), workers=n_workers,
+        seconds=round(time.perf_counter() - start, 2), up_to_date=False)
+    _atomic_write_text(info_path, json.dumps(info, indent=2))
+    if not keep_shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    else:  # drop shards of earlier manifests / sizes that this run no longer uses
+        current = set(shard_fps)
+        for stale in shard_dir.iterdir():
+            if stale.name.split(".")[0] not in current:
+                stale.unlink(missing_ok=True)
+    return info
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tuple], schema) -> None:
+    """Write one finished shard (Arrow stream file, the format ``datasets`` memory-maps) and its skip list."""
+    import pyarrow as pa
+
+    rows = rows.copy()
+    order = list(rows.index)
+    rows["pixels"] = [results[r][0] for r in order]
+    keep_images = [results[r][1] for r in order]
+    rows["image_paths"] = [[paths[i] for i in kept] for paths, kept in zip(rows["image_paths"], keep_images)]
+    rows["view_positions"] = [[views[i] for i in kept] for views, kept in zip(rows["view_positions"], keep_images)]
+    rows["finding_boxes"] = [results[r][2] for r in order]
+    skipped = [{"path": path, "study_id": str(sid), "reason": reason}
+               for r, sid in zip(order, rows["study_id"]) for path, reason in results[r][3]]
+    n_dropped = int(sum(1 for kept in keep_images if not kept))
+    rows = rows[[len(kept) > 0 for kept in keep_images]]
+    table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+    tmp = shard_dir / f".{fingerprint}.arrow.tmp-{os.getpid()}"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=64)
+    _atomic_write_text(shard_dir / f"{fingerprint}.skipped.json",
+                       json.dumps({"skipped": skipped, "dropped_studies": n_dropped}))
+    os.replace(tmp, shard_dir / f"{fingerprint}.arrow")  # last: the .arrow file marks the shard as complete
+
+
+def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], progress: bool) -> dict[str, Any]:
+    """Concatenate the shards into DIR/dataset (atomic swap) and write DIR/skipped.csv."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        return _concatenate_shards(out_dir, shard_dir, shard_fps)
+    finally:
+        if bars_were_on and not progress:
+            datasets.enable_progress_bars()
+
+
+def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str]) -> dict[str, Any]:
+    import datasets
+
+    parts = [datasets.Dataset.from_file(str(shard_dir / f"{fp}.arrow")) for fp in shard_fps]
+    parts = [p for p in parts if len(p)] or parts[:1]
+    if not parts:
+        raise PrepareError("the manifest has no studies")
+    data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(data) == 0:
+        raise PrepareError(f"no readable image in any study; see {out_dir / 'skipped.csv'}")
+    skipped, dropped = [], 0
+    for fp in shard_fps:
+        record = json.loads((shard_dir / f"{fp}.skipped.json").read_text())
+        skipped.extend(record["skipped"])
+        dropped += record["dropped_studies"]
+    tmp_csv = out_dir / f".skipped.csv.tmp-{os.getpid()}"
+    with open(tmp_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "study_id", "reason"])
+        writer.writeheader()
+        writer.writerows(skipped)
+    os.replace(tmp_csv, out_dir / "skipped.csv")
+
+    final = out_dir / "dataset"
+    tmp, old = out_dir / f".dataset.tmp-{os.getpid()}", out_dir / f".dataset.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.save_to_disk(str(tmp))
+    del data, parts  # release the memory maps of the shards before they are deleted
+    if final.exists():
+        os.replace(final, old)  # a directory cannot be replaced in one rename: swap, then delete the old one
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    n_images = 0
+    loaded = datasets.load_from_disk(str(final))
+    for batch in loaded.select_columns(["view_positions"]).iter(batch_size=4096):
+        n_images += sum(len(v) for v in batch["view_positions"])
+    return {"n_studies": len(loaded), "n_images": n_images, "n_skipped_images": len(skipped),
+            "n_dropped_studies": dropped}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- reading back
+def load_cache(cache_dir: str | os.PathLike):
+    """(datasets.Dataset, prepare.json dict) of a prepared cache folder."""
+    import datasets
+
+    cache_dir = Path(cache_dir)
+    info_path = cache_dir / "prepare.json"
+    if not info_path.exists() or not (cache_dir / "dataset").exists():
+        raise FileNotFoundError(f"{cache_dir}: not a prepared cache (no prepare.json/dataset; run `rvl prepare`)")
+    return datasets.load_from_disk(str(cache_dir / "dataset")), json.loads(info_path.read_text())
+
+
+def read_cache_frame(cache_dir: str | os.PathLike):
+    """The study rows of a prepared cache as a manifest DataFrame (without pixels)."""
+    data, _ = load_cache(cache_dir)
+    table = data.data.table.drop_columns(["pixels"])
+    frame = table.to_pandas()
+    for col in ("image_paths", "view_positions"):
+        frame[col] = [list(v) for v in frame[col]]
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="study manifest (.parquet/.csv/.jsonl, HF dataset folder) or a dataset "
+                        "root/file in another --format")
+    parser.add_argument("--out", required=True, help="output folder (DIR/dataset, DIR/prepare.json, DIR/skipped.csv)")
+    parser.add_argument("--size", type=int, default=256, help="side of the square cache images (default 256)")
+    parser.add_argument("--workers", type=int, default=None, help="reader processes (default: all usable CPUs)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image (exit 2)")
+    parser.add_argument("--format", default="auto", choices=["auto", "rvl", "mimic", "iu", "chexpert",
+                                                             "dicom-folder"], help="manifest / dataset layout")
+    parser.add_argument("--reports", default=None, help="reports CSV for --format dicom-folder (keyed by study "
+                        "instance UID or accession number)")
+    parser.add_argument("--image-column", default="image_paths", help="rvl manifests: list column of the image "
+                        "files to read (e.g. dicom_paths from `rvl phantoms --format both`)")
+    parser.add_argument("--shard-studies", type=int, default=DEFAULT_SHARD_STUDIES,
+                        help="studies per resumable shard")
+    parser.add_argument("--keep-shards", action="store_true", help="keep DIR/shards for cheap incremental re-runs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rvl.data.manifest import ManifestError
+
+    kwargs: dict[str, Any] = {"reports": args.reports} if args.reports else {}
+    if args.image_column != "image_paths":
+        kwargs["image_column"] = args.image_column
+    try:
+        info = prepare(args.manifest, args.out, size=args.size, workers=args.workers, strict=args.strict,
+                       format=args.format, shard_studies=args.shard_studies, keep_shards=args.keep_shards,
+                       progress=not args.no_progress, **kwargs)
+    except (PrepareError, ManifestError, FileNotFoundError) as e:
+        print(f"rvl prepare: error: {e}", file=sys.stderr)
+        return 2
+    if info.get("up_to_date"):
+        print(f"{args.out}: already up to date ({info['n_studies']} studies, {info['n_images']} images at "
+              f"{info['size']} px)")
+        return 0
+    print(f"prepared {info['n_studies']} studies ({info['n_images']} images, {info['size']} px) in {info['seconds']} s "
+          f"into {args.out}/dataset; skipped {info['n_skipped_images']} image(s)"
+          + (f" and dropped {info['n_dropped_studies']} study/studies with no readable image"
+             if info["n_dropped_studies"] else "")
+          + (f" (see {args.out}/skipped.csv)" if info["n_skipped_images"] else "")
+          + (f"; reused {info['shards_reused']} finished shard(s)" if info["shards_reused"] else ""))
+    return 0
+
