@@ -8,7 +8,7 @@ Importing this package is light (no spaCy until a labeler is built; never open_c
 """
 from __future__ import annotations
 
-from typing import Any
+from rvl._lazy import lazy_attributes
 
 from .sections import SECTION_KEYS, extract_sections, select_text
 
@@ -21,9 +21,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

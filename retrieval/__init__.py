@@ -5,9 +5,9 @@ only (never torch / open_clip; the model-side helpers in ``rvl.retrieval.embed``
 """
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
+
+from rvl._lazy import lazy_attributes
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # faiss logs its CPU-feature probing at INFO
 
@@ -27,14 +27,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rvl.retrieval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

@@ -5,9 +5,7 @@ accelerate, faiss or datasets. Attributes listed in ``_LAZY`` are imported on fi
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import lazy_attributes
 from .version import __version__
 
 # public name -> module that defines it
@@ -16,19 +14,17 @@ _LAZY: dict[str, str] = {
     "VIEW_TYPES": "rvl.constants",
     "read_image": "rvl.data",
     "ImageReadError": "rvl.data",
+    "generate_phantoms": "rvl.phantoms",
+    "read_manifest": "rvl.data",
+    "StudyDataset": "rvl.data",
+    "create_model": "rvl.model",
+    "from_pretrained": "rvl.model",
+    "EmbeddingIndex": "rvl.retrieval",
+    "ZeroShotClassifier": "rvl.zeroshot",
+    "evaluate_model": "rvl.evaluate",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rvl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())

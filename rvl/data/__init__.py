@@ -5,8 +5,8 @@ when the name that needs them is first used.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rvl._lazy import lazy_attributes
+
 
 # public name -> submodule that defines it
 _LAZY: dict[str, str] = {
@@ -31,14 +31,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rvl.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
