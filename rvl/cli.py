@@ -13,6 +13,16 @@ import sys
 
 # name -> (module, one-line help). A command is listed here only once it works.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "label": ("rvl.nlp.cli", "label radiology reports: sections and the 14 CheXpert observations"),
+    "phantoms": ("rvl.phantoms.cli", "generate synthetic chest-radiograph studies with reports and ground truth"),
+    "prepare": ("rvl.data.cache", "read every image once into a resized on-disk cache of studies"),
+    "pretrain": ("rvl.train", "pretrain the multi-view study/report model (Accelerate: 1 CPU/GPU or many)"),
+    "index": ("rvl.retrieval.cli", "build a FAISS index of study or report embeddings (rvl index build)"),
+    "search": ("rvl.retrieval.search_cli", "find similar studies / reports for images, a study id or a text prompt"),
+    "zeroshot": ("rvl.zeroshot", "zero-shot finding probabilities for radiographs from text prompts"),
+    "heatmap": ("rvl.heatmap", "grounding heatmap PNG: where on a radiograph a text prompt matches"),
+    "evaluate": ("rvl.evaluate", "zero-shot AUC with bootstrap CIs, retrieval R@K and pointing game on a split"),
+    "demo": ("rvl.demo", "run the whole pipeline on built-in phantoms and write an evaluation report"),
 }
 
 

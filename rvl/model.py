@@ -1,0 +1,184 @@
+"""The multi-view study/report model: open_clip towers + view-type embedding + masked fusion + caption decoder.
+
+Each real view of a study goes through the shared open_clip image tower once (missing slots are never encoded), gets
+a learned view-type embedding (PA/AP/LATERAL/LL/OTHER) and the views are fused with a mask: attention pooling
+(default) or the masked mean. Patch tokens of the views feed the report decoder and, projected into the joint space,
+grounding heatmaps (:meth:`RVLModel.encode_patches`).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rvl.heads import AttentionPool, CaptionDecoder, masked_mean
+
+__all__ = ["RVLModel", "create_model", "from_pretrained", "report_text_for_model"]
+
+
+def report_text_for_model(report: str) -> str:
+    """Text fed to the text tower: findings + impression sections when present, else the whole report."""
+    try:
+        from rvl.nlp import extract_sections
+    except ImportError:  # the NLP package is optional for the model
+        return " ".join(str(report).split())
+    sections = extract_sections(str(report)) or {}
+    parts = [sections.get(name, "").strip() for name in ("findings", "impression")]
+    parts = [p for p in parts if p]
+    return " ".join(" ".join(parts).split()) if parts else " ".join(str(report).split())
+
+
+def create_model(name: str = "rvl-tiny", pretrained: str | None = None, **overrides: Any) -> "RVLModel":
+    """See :func:`rvl.factory.create_model`."""
+    from rvl.factory import create_model as _create
+
+    return _create(name, pretrained=pretrained, **overrides)
+
+
+def from_pretrained(path: str | Path) -> "RVLModel":
+    """See :func:`rvl.factory.from_pretrained`."""
+    from rvl.factory import from_pretrained as _load
+
+    return _load(path)
+
+
+class RVLModel(nn.Module):
+    """Study encoder + report encoder in a joint space, plus the report-generation decoder."""
+
+    def __init__(self, clip: nn.Module, tokenizer: Callable, model_cfg: dict, rvl_cfg: dict):
+        super().__init__()
+        import open_clip
+
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+        self.rvl_cfg = rvl_cfg
+        dim = int(model_cfg["embed_dim"])
+        self.view_types = list(rvl_cfg["view_types"])
+        self.view_type_embed = nn.Embedding(len(self.view_types), dim)
+        nn.init.normal_(self.view_type_embed.weight, std=0.02)
+        self.fusion = AttentionPool(dim, rvl_cfg.get("fusion_heads", 4)) if rvl_cfg["fusion"] == "attention" else None
+        if rvl_cfg["fusion"] not in ("attention", "mean"):
+            raise ValueError(f"rvl_cfg.fusion must be 'attention' or 'mean', got {rvl_cfg['fusion']!r}")
+        # patch tokens only from open_clip's own ViT (timm towers: one pooled token per view instead)
+        self._vit = isinstance(clip.visual, open_clip.transformer.VisionTransformer) and clip.visual.proj is not None
+        memory_dim = clip.visual.proj.shape[0] if self._vit else dim
+        hf_tok = getattr(tokenizer, "tokenizer", None)
+        vocab_size = len(hf_tok) if hf_tok is not None else int(getattr(tokenizer, "vocab_size", 49408))
+        self.pad_id = int(hf_tok.pad_token_id) if hf_tok is not None else 0
+        dec = rvl_cfg["decoder"]
+        self.caption_decoder = CaptionDecoder(
+            vocab_size, memory_dim, int(tokenizer.context_length), width=dec["width"], layers=dec["layers"],
+            heads=dec["heads"], mlp_ratio=dec.get("mlp_ratio", 4.0), num_view_types=len(self.view_types),
+            pad_id=self.pad_id)
+        pp = clip.visual.preprocess_cfg
+        size = clip.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.embed_dim = dim
+        transform = functools.partial(open_clip.image_transform, self.image_size, mean=pp["mean"], std=pp["std"],
+                                      interpolation=pp.get("interpolation"), resize_mode=pp.get("resize_mode"))
+        self.preprocess = transform(is_train=False)
+        self.preprocess_train = transform(is_train=True)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+    # ---------------------------------------------------------------- image side
+    def _encode_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N, 3, H, W] -> (pooled [N, D] unnormalised, tokens [N, P, W] after ln_post)."""
+        visual = self.clip.visual
+        if not self._vit:
+            pooled = self.clip.encode_image(images)
+            return pooled, pooled.unsqueeze(1)
+        # same steps as open_clip VisionTransformer.forward, keeping the patch tokens from the same pass
+        x = visual.transformer(visual._embeds(images))
+        pooled, tokens = visual._pool(x)
+        return pooled @ visual.proj, tokens
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """One view per row: images [N, 3, H, W] -> [N, D]."""
+        pooled, _ = self._encode_views(images)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_patches(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Patch tokens projected into the joint space: [N, 3, H, W] -> [N, gh, gw, D] (grounding heatmaps)."""
+        if not self._vit:
+            raise NotImplementedError("encode_patches needs an open_clip ViT image tower")
+        _, tokens = self._encode_views(images)
+        patches = tokens @ self.clip.visual.proj
+        grid = self.clip.visual.grid_size
+        patches = patches.reshape(patches.shape[0], grid[0], grid[1], -1)
+        return F.normalize(patches, dim=-1) if normalize else patches
+
+    def encode_study(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor,
+                     normalize: bool = True, return_tokens: bool = False):
+        """images [B, V, 3, H, W], view_mask [B, V] bool, view_types [B, V] long -> study embedding [B, D].
+
+        Only the real views go through the image tower; missing slots never enter the fusion (masked, not zeros).
+        With ``return_tokens`` also returns (tokens [B, V*P, W], token_valid [B, V*P], token_view_types [B, V*P]).
+        """
+        view_mask = view_mask.bool()
+        if not bool(view_mask.any(1).all()):
+            raise ValueError("every study needs at least one real view (view_mask row all False)")
+        batch, num_views = view_mask.shape
+        pooled, tokens = self._encode_views(images[view_mask])
+        per_view = pooled.new_zeros(batch, num_views, pooled.shape[-1])
+        per_view[view_mask] = pooled
+        per_view = per_view + self.view_type_embed(view_types.clamp(0, len(self.view_types) - 1))
+        fused = self.fusion(per_view, view_mask) if self.fusion is not None else masked_mean(per_view, view_mask)
+        fused = F.normalize(fused, dim=-1) if normalize else fused
+        if not return_tokens:
+            return fused
+        num_tokens = tokens.shape[1]
+        all_tokens = tokens.new_zeros(batch, num_views, num_tokens, tokens.shape[-1])
+        all_tokens[view_mask] = tokens
+        valid = view_mask.unsqueeze(-1).expand(-1, -1, num_tokens).reshape(batch, -1)
+        token_types = view_types.unsqueeze(-1).expand(-1, -1, num_tokens).reshape(batch, -1)
+        return fused, (all_tokens.reshape(batch, num_views * num_tokens, -1), valid, token_types)
+
+    # ---------------------------------------------------------------- text side
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """tokens [B, L] (from ``self.tokenizer``) -> [B, D]."""
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def tokenize_reports(self, texts: list[str]) -> torch.Tensor:
+        """Reports -> token ids, using only the sections the model is trained on."""
+        return self.tokenizer([report_text_for_model(t) for t in texts])
+
+    @torch.no_grad()
+    def encode_reports(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Normalised report/prompt embeddings [B, D], in eval mode without gradients (mode restored after)."""
+        was_training = self.training
+        self.eval()
+        device = self.logit_scale.device
+        try:
+            out = [self.encode_text(self.tokenize_reports(texts[i:i + batch_size]).to(device))
+                   for i in range(0, len(texts), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=device)
+
+    # ---------------------------------------------------------------- training forward
+    def forward(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor, text: torch.Tensor,
+                caption: bool = True) -> dict[str, torch.Tensor]:
+        """Everything the objectives need, from one pass over each tower."""
+        study, (tokens, valid, token_types) = self.encode_study(images, view_mask, view_types, return_tokens=True)
+        out = {"study_features": study, "text_features": self.encode_text(text),
+               "logit_scale": self.logit_scale.exp(), "text": text}
+        if caption:
+            out["caption_logits"] = self.caption_decoder(text, tokens, valid, token_types)
+        return out
+
+    def save_pretrained(self, save_dir: str | Path) -> Path:
+        """Export an open_clip-loadable folder + rvl sidecar (see :func:`rvl.factory.save_pretrained`)."""
+        from rvl.factory import save_pretrained
+
+        return save_pretrained(self, save_dir)

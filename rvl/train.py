@@ -1,0 +1,440 @@
+"""``rvl pretrain``: the Accelerate training loop for the multi-view study/report model, top to bottom.
+
+Runs unchanged on 1 CPU/GPU (``rvl pretrain ...``), many GPUs / nodes (``accelerate launch -m rvl pretrain ...``,
+``torchrun -m rvl pretrain ...``) and 2+ CPU processes (gloo; add ``--cpu``).
+
+Exact resume: every source of randomness is a function of (seed, epoch, index) or (seed, step, rank), never of the
+global RNG stream position: the sampler permutes with a per-epoch generator, each study's augmentation runs under a
+per-(epoch, index) seed, and the model's dropout under a per-micro-step seed. A run restarted from a checkpoint
+therefore replays exactly the batches and randomness of an uninterrupted run (``skip_first_batches`` mid-epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rvl.config import Config, add_config_arguments, config_from_args, save_config
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as err:
+        print(f"rvl pretrain: {err}", file=sys.stderr)
+        return 2
+    if not cfg.data.source or not Path(cfg.data.source).exists():
+        print(f"rvl pretrain: --data must be a prepared cache or manifest, got {cfg.data.source!r}", file=sys.stderr)
+        return 2
+    return train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- data helpers
+class EpochSampler:
+    """Shuffles ``range(n)`` with a generator seeded by (seed, epoch): the order never depends on RNG history."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        if not self.shuffle:
+            return iter(range(self.n))
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=rng).tolist())
+
+
+class SeededStudies:
+    """Wraps a study dataset so that item ``i`` of epoch ``e`` is drawn under its own seed (crops, view choice)."""
+
+    def __init__(self, dataset: Any, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class Collate:
+    """collate_studies + report tokens (findings + impression) for the text tower; picklable for workers."""
+
+    def __init__(self, tokenize):
+        self.tokenize = tokenize
+
+    def __call__(self, items: list[dict]) -> dict:
+        from rvl.data import collate_studies
+
+        batch = collate_studies(items)
+        batch["text"] = self.tokenize(batch["report"])
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+class TrainState:
+    """Counters saved with ``accelerator.save_state`` (registered for checkpointing)."""
+
+    def __init__(self):
+        self.step, self.micro_step, self.best_metric = 0, 0, -math.inf
+
+    def state_dict(self) -> dict[str, float]:
+        return {"step": self.step, "micro_step": self.micro_step, "best_metric": self.best_metric}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        self.best_metric = float(state["best_metric"])
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ``.tmp-*`` folders are ignored)."""
+    found = [p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, name: str, keep_last: int | None) -> Path:
+    """``save_state`` into a tmp folder, then an atomic rename: a kill mid-save leaves the previous one intact."""
+    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # e.g. "best": move the old one aside first, drop it after the swap
+            old = ckpt_dir / f".old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        for stale in ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if keep_last:
+            for old_ckpt in list_checkpoints(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old_ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+# Minimal prompt pairs for validation only; the full zero-shot module (rvl.zeroshot) has the curated templates.
+_NORMAL_PROMPTS = ("no acute cardiopulmonary process.", "acute cardiopulmonary abnormality.")
+
+
+def recall_at_k(studies, reports, ks=(1, 5, 10)) -> dict[str, float]:
+    """Study->report retrieval recall@k; row i's true report is report i."""
+    scores = studies @ reports.T
+    true = scores.diagonal().unsqueeze(1)
+    study_rank = (scores > true).sum(1)  # number of wrong reports scored above the right one
+    report_rank = (scores.T > true).sum(1)
+    out = {f"study_to_report_R@{k}": float((study_rank < k).float().mean()) for k in ks}
+    out.update({f"report_to_study_R@{k}": float((report_rank < k).float().mean()) for k in ks})
+    return out
+
+
+def zero_shot_auc(net, studies, labels) -> dict[str, float]:
+    """AUC per label of softmax(100 * [s.pos, s.neg]) against manifest labels (1 vs 0; NaN / uncertain ignored)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from rvl.constants import CHEXPERT_LABELS
+
+    try:  # the curated prompt ensembles of rvl.zeroshot when that module is installed
+        from rvl.zeroshot import ZeroShotClassifier
+
+        prob = ZeroShotClassifier.from_model(net, list(CHEXPERT_LABELS)).predict_proba(studies.numpy())
+    except Exception as err:  # noqa: BLE001 - validation must not kill a training run; fall back to simple prompts
+        logging.getLogger(__name__).debug("rvl.zeroshot unavailable (%s); using simple prompts", err)
+        prompts = []
+        for name in CHEXPERT_LABELS:
+            prompts += list(_NORMAL_PROMPTS) if name == "No Finding" else [f"{name.lower()}.", f"no {name.lower()}."]
+        emb = net.encode_reports(prompts).float().cpu().view(len(CHEXPERT_LABELS), 2, -1)
+        prob = (100.0 * torch.einsum("nd,lkd->nlk", studies, emb)).softmax(-1)[..., 0].numpy()
+    out, aucs = {}, []
+    for j, name in enumerate(CHEXPERT_LABELS):
+        y = labels[:, j].numpy()
+        keep = (y == 1) | (y == 0)
+        if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
+            continue
+        auc = float(roc_auc_score(y[keep], prob[keep, j]))
+        out[f"zeroshot/{name}_auroc"] = auc
+        aucs.append(auc)
+    if aucs:
+        out["zeroshot_macro_auc"] = float(np.mean(aucs))
+    return out
+
+
+def evaluate(accelerator, model, val_dl) -> dict[str, float]:
+    """Zero-shot AUC per label from pos/neg prompts and study->report R@1/5/10 on the validation split."""
+    import torch
+
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    studies, reports, labels = [], [], []
+    with torch.no_grad():
+        for batch in val_dl:
+            with accelerator.autocast():
+                s = net.encode_study(batch["images"], batch["view_mask"], batch["view_types"])
+                t = net.encode_text(batch["text"])
+            s, t, lab = accelerator.gather_for_metrics((s.float(), t.float(), batch["labels"].float()))
+            studies.append(s.cpu()), reports.append(t.cpu()), labels.append(lab.cpu())
+    metrics: dict[str, float] = {}
+    if studies:
+        studies_t, reports_t, labels_t = torch.cat(studies), torch.cat(reports), torch.cat(labels)
+        metrics.update(recall_at_k(studies_t, reports_t, ks=(1, 5, 10)))
+        metrics.update(zero_shot_auc(net, studies_t, labels_t))
+    net.train(was_training)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def build_optimizer(model, cfg: Config):
+    """AdamW; no weight decay on 1-d params, biases, norms, embeddings' positions and the temperature (open_clip)."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def train(cfg: Config) -> int:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from rvl.data import StudyDataset
+    from rvl.factory import create_model, from_pretrained, train_wordpiece
+    from rvl.loss import RVLLoss
+    from rvl.model import report_text_for_model
+
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    use_cpu = cfg.train.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    mixed = cfg.optim.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and not use_cpu else "no"
+    log_with = None if cfg.train.log_with == "none" else cfg.train.log_with
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed, gradient_accumulation_steps=cfg.optim.grad_accum,
+                              log_with=log_with, project_dir=str(out_dir))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger = get_logger(__name__)  # main process only unless main_process_only=False
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per saved file otherwise
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.train.seed)
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    # ---- data
+    train_set = StudyDataset(cfg.data.source, split=cfg.data.train_split, max_views=cfg.data.max_views, train=True,
+                             seed=cfg.train.seed, strict=cfg.data.strict)
+    # ---- model (the WordPiece vocabulary is trained once on the training reports and reused on resume)
+    tok_dir = out_dir / "tokenizer"
+    if cfg.model.pretrained:
+        model = from_pretrained(cfg.model.pretrained)
+    else:
+        if accelerator.is_main_process and not tok_dir.exists():
+            tmp = out_dir / ".tmp-tokenizer"
+            shutil.rmtree(tmp, ignore_errors=True)
+            texts = [report_text_for_model(r) for r in train_set.frame["report"].astype(str)]
+            from rvl.factory import get_model_config
+
+            spec = get_model_config(cfg.model.name)["rvl_cfg"].get("text_tower") or {}
+            ctx = get_model_config(cfg.model.name)["text_cfg"].get("context_length", 128)
+            train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, ctx)
+            os.replace(tmp, tok_dir)
+        accelerator.wait_for_everyone()
+        overrides = {"fusion": cfg.model.fusion} if cfg.model.fusion else {}
+        model = create_model(cfg.model.name, text_dir=tok_dir, **overrides)
+    train_set.image_transform = model.preprocess_train
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.objectives.caption_weight <= 0:  # unused params would stall DDP's gradient reduction
+        model.caption_decoder.requires_grad_(False)
+    collate = Collate(model.tokenize_reports)
+    seeded = SeededStudies(train_set, cfg.train.seed)
+    sampler = EpochSampler(len(seeded), cfg.train.seed)
+    train_dl = DataLoader(seeded, batch_size=cfg.optim.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=cfg.data.num_workers, drop_last=True)  # equal batches on every rank
+    val_dl = None
+    try:
+        val_set = StudyDataset(cfg.data.source, split=cfg.data.val_split, max_views=cfg.data.max_views, train=False,
+                               image_transform=model.preprocess, seed=cfg.train.seed)
+        if len(val_set) > cfg.data.max_val_studies:
+            val_set = Subset(val_set, range(cfg.data.max_val_studies))
+        if len(val_set):
+            val_dl = DataLoader(val_set, batch_size=cfg.optim.batch_size, collate_fn=collate,
+                                num_workers=cfg.data.num_workers)
+    except (ValueError, KeyError) as err:
+        logger.warning(f"no validation split {cfg.data.val_split!r}: {err}")
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_steps * world, cfg.optim.max_steps * world)
+    if cfg.model.compile:
+        model.compile()
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    if val_dl is not None:
+        val_dl = accelerator.prepare(val_dl)
+    loss_fn = RVLLoss(cfg.objectives.contrastive_weight, cfg.objectives.label_aware_weight,
+                      cfg.objectives.caption_weight, pad_id=accelerator.unwrap_model(model).pad_id, rank=rank,
+                      world_size=world)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    # ---- resume
+    if cfg.train.resume:
+        found = list_checkpoints(ckpt_dir)
+        if found:
+            accelerator.load_state(str(found[-1]))
+            logger.info(f"resumed from {found[-1]} (step {state.step})")
+        else:
+            logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
+    if log_with:
+        accelerator.init_trackers("rvl-pretrain", config=cfg.flat())
+
+    # ---- loop
+    batches_per_epoch = len(train_dl)
+    if batches_per_epoch == 0:
+        raise SystemExit(f"rvl pretrain: {len(train_set)} training studies < batch size x processes "
+                         f"({cfg.optim.batch_size} x {world}); lower --batch-size")
+    pairs_per_step = cfg.optim.batch_size * world * cfg.optim.grad_accum
+    progress = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="pretrain",
+                    disable=not accelerator.is_local_main_process)
+    bad_in_row, started, steps_this_run = 0, time.perf_counter(), 0
+    running: dict[str, float] = {}
+    net = accelerator.unwrap_model(model)
+    while state.step < cfg.optim.max_steps:
+        epoch, skip = divmod(state.micro_step, batches_per_epoch)
+        seeded.set_epoch(epoch), sampler.set_epoch(epoch), train_dl.set_epoch(epoch)
+        epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        accelerator.step = skip  # accumulation phase within the epoch (Accelerate resets it at each epoch end)
+        for batch in epoch_dl:
+            state.micro_step += 1
+            with accelerator.accumulate(model):
+                torch.manual_seed((cfg.train.seed * 1_000_003 + state.micro_step) * 1_009 + rank)  # dropout
+                with accelerator.autocast():
+                    out = model(batch["images"], batch["view_mask"], batch["view_types"], batch["text"],
+                                caption=cfg.objectives.caption_weight > 0)
+                losses = loss_fn(out, batch["labels"])
+                finite = torch.isfinite(losses["total"].detach()).float()
+                if accelerator.reduce(finite, "sum").item() == world:  # every rank agrees to step or to skip
+                    accelerator.backward(losses["total"])
+                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    bad_in_row = 0
+                else:
+                    bad_in_row += 1
+                    logger.warning(f"non-finite loss at step {state.step} ({bad_in_row} in a row): step skipped")
+                    if bad_in_row >= cfg.train.max_bad_steps:
+                        found = list_checkpoints(ckpt_dir)
+                        raise SystemExit(f"rvl pretrain: {bad_in_row} non-finite losses in a row at step {state.step};"
+                                         f" stopping. Last good checkpoint: {found[-1] if found else 'none'}")
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():  # open_clip clamps the temperature at 100
+                    net.logit_scale.clamp_(0, math.log(100))
+            for key, value in losses.items():
+                running[key] = running.get(key, 0.0) + float(value.detach())
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            steps_this_run += 1
+            progress.update(1)
+            pairs_s = steps_this_run * pairs_per_step / (time.perf_counter() - started)
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.optim.max_steps:
+                n = cfg.train.log_every * cfg.optim.grad_accum
+                logs = {f"train/loss_{k}": v / n for k, v in running.items()}
+                logs.update({"train/lr": scheduler.get_last_lr()[0], "train/logit_scale": net.logit_scale.exp().item(),
+                             "train/pairs_per_s": pairs_s})
+                accelerator.log(logs, step=state.step)
+                progress.set_postfix(loss=f"{logs.get('train/loss_total', float('nan')):.3f}", pairs_s=f"{pairs_s:.1f}")
+                running = {}
+            if val_dl is not None and (state.step % cfg.train.eval_every == 0 or state.step == cfg.optim.max_steps):
+                metrics = evaluate(accelerator, model, val_dl)
+                accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
+                logger.info(f"step {state.step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
+                                                                 if "/" not in k))
+                score = metrics.get("zeroshot_macro_auc", metrics.get("study_to_report_R@1", -math.inf))
+                if score > state.best_metric:
+                    state.best_metric = score
+                    save_checkpoint(accelerator, ckpt_dir, "best", keep_last=None)
+                    if accelerator.is_main_process:
+                        (ckpt_dir / "best.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2))
+            if state.step % cfg.train.save_every == 0 or state.step == cfg.optim.max_steps:
+                save_checkpoint(accelerator, ckpt_dir, f"{CHECKPOINT_PREFIX}{state.step:08d}", cfg.train.keep_last)
+            if state.step >= cfg.optim.max_steps:
+                break
+    progress.close()
+
+    # ---- export
+    skipped = getattr(train_set, "skipped", 0)
+    sharded = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    full_state = accelerator.get_state_dict(model) if sharded else None  # collective: every rank takes part
+    if accelerator.is_main_process:
+        if sharded:  # rebuild an unsharded copy to export
+            net = from_pretrained(cfg.model.pretrained) if cfg.model.pretrained else create_model(
+                cfg.model.name, text_dir=tok_dir, **({"fusion": cfg.model.fusion} if cfg.model.fusion else {}))
+            net.load_state_dict(full_state)
+        net.save_pretrained(out_dir / "model")
+        seconds = max(time.perf_counter() - started, 1e-9)
+        summary = {"steps": state.step, "pairs_per_s": steps_this_run * pairs_per_step / seconds,
+                   "skipped_studies": int(skipped if isinstance(skipped, int) else len(skipped))}
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info(f"exported {out_dir / 'model'}; {summary}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rvl pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
