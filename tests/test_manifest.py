@@ -230,3 +230,18 @@ def test_dicom_folder_grouped_by_tags_and_joined_with_reports(tmp_path):
         tmp_path / "by_uid.csv", index=False)
     by_uid = read_manifest(export, format="dicom-folder", reports=tmp_path / "by_uid.csv").set_index("study_id")
     assert by_uid.loc["1.2.3.2", "report"] == "IMPRESSION: Stable." and by_uid.loc["1.2.3.1", "report"] == ""
+
+
+def test_dicom_folder_given_as_relative_path_gives_readable_image_paths(tmp_path, monkeypatch):
+    from test_data_io import ramp, write_dicom
+
+    from rvl.data import read_image
+
+    folder = tmp_path / "pacs" / "images"
+    folder.mkdir(parents=True)
+    write_dicom(folder / "IM0001", ramp(), bits_stored=12, PatientID="P9", StudyInstanceUID="9.9", ViewPosition="PA")
+    monkeypatch.chdir(tmp_path)
+    frame = read_manifest("pacs/images", format="dicom-folder")
+    path = Path(frame.loc[0, "image_paths"][0])
+    assert path.is_absolute() and path == folder / "IM0001"
+    assert read_image(path).shape == ramp().shape

@@ -60,7 +60,7 @@ def read_dicom_folder(root: str | os.PathLike, reports: str | os.PathLike | None
     import pydicom
     from tqdm.auto import tqdm
 
-    root = Path(root)
+    root = Path(root).absolute()  # image paths are stored absolute, whatever the caller's working directory
     if not root.is_dir():
         raise ManifestError(f"{root}: not a folder of DICOM files")
     files = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names)
