@@ -1,0 +1,192 @@
+"""``rvl demo``: the whole pipeline end to end on the built-in phantoms, with an evaluation report.
+
+Stages (each leaves a marker ``DIR/stages/<name>.json`` holding the hash of the settings it ran with, so a re-run with
+the same settings reuses it and a changed setting re-runs it and everything after it):
+
+1. ``phantoms``  generate phantom studies (patient-level train/validate/test split)
+2. ``label``     label the reports with ``rvl.nlp``; agreement with the phantoms' ground truth
+3. ``prepare``   the image cache (all views, and a frontal-only copy for the ablation)
+4. ``pretrain``  ``rvl-small`` on all views, then a frontal-only model on the same budget (steps, batch)
+5. ``index``     study and report indexes of the archive (``rvl.retrieval``)
+6. ``evaluate``  held-out patients: zero-shot AUC (prompt, kNN) with CIs, R@K, pointing game, multi-view gain
+7. ``report``    ``DIR/report.html`` (self-contained) and ``DIR/metrics.json``; a summary table on screen
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_STUDIES = 2000
+DEFAULT_MINUTES = 8.0
+STAGES = ["phantoms", "label", "prepare", "pretrain", "index", "evaluate", "report"]
+# share of the time budget each stage is expected to take; pretraining gets what the others leave (for the ETA)
+STAGE_WEIGHTS = {"phantoms": 0.04, "label": 0.02, "prepare": 0.05, "pretrain": 0.70, "index": 0.04, "evaluate": 0.12,
+                 "report": 0.03}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="demo_out", help="output folder (default: demo_out)")
+    parser.add_argument("--studies", type=int, default=DEFAULT_STUDIES,
+                        help=f"phantom studies to generate (default {DEFAULT_STUDIES})")
+    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                        help=f"time budget for the whole demo; training steps are sized to fit it (default "
+                        f"{DEFAULT_MINUTES:g})")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else CPU")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the training (default 0)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="fix the training steps instead of sizing them from --minutes")
+    parser.add_argument("--force", action="store_true", help="re-run every stage even when a finished one matches")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.studies < 50:
+        print(f"rvl demo: --studies must be at least 50 (got {args.studies})", file=sys.stderr)
+        return 2
+    if args.max_steps is not None and args.max_steps < 1:
+        print(f"rvl demo: --max-steps must be at least 1 (got {args.max_steps})", file=sys.stderr)
+        return 2
+    if args.minutes <= 0:
+        print(f"rvl demo: --minutes must be positive (got {args.minutes})", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("rvl demo: --device cuda asked for but no CUDA device is available", file=sys.stderr)
+            return 2
+    from rvl.demo_report import summary_table
+
+    metrics = run_demo(Path(args.output), studies=args.studies, minutes=args.minutes, device=args.device,
+                       seed=args.seed, max_steps=args.max_steps, force=args.force)
+    print(summary_table(metrics))
+    print(f"\nreport: {Path(args.output) / 'report.html'}\nmetrics: {Path(args.output) / 'metrics.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- stage runner
+def settings_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class StageRunner:
+    """Runs the stages in order, reusing finished ones whose settings hash matches, and prints progress with an ETA."""
+
+    def __init__(self, output: Path, budget_s: float, force: bool = False) -> None:
+        self.output = output
+        self.marker_dir = output / "stages"
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        self.budget_s = budget_s
+        self.force = force
+        self.start = time.time()
+        self.chain = ""  # hash of everything upstream: a changed earlier stage invalidates the later ones
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def eta(self, name: str) -> str:
+        elapsed = time.time() - self.start
+        left = sum(STAGE_WEIGHTS[s] for s in STAGES[STAGES.index(name):]) * self.budget_s
+        return f"elapsed {_fmt_duration(elapsed)}, about {_fmt_duration(left)} left"
+
+    def run(self, name: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``fn`` (returning a JSON-able result) unless a marker with the same settings hash exists."""
+        digest = settings_hash({"stage": name, "settings": settings, "upstream": self.chain})
+        self.chain = digest
+        marker = self.marker_dir / f"{name}.json"
+        number = f"[{STAGES.index(name) + 1}/{len(STAGES)}]"
+        if marker.is_file() and not self.force:
+            saved = json.loads(marker.read_text())
+            if saved.get("hash") == digest:
+                print(f"{number} {name}: reusing the finished stage (settings {digest})", flush=True)
+                self.seconds[name] = 0.0
+                self.reused.append(name)
+                return saved["result"]
+        marker.unlink(missing_ok=True)
+        print(f"\n{number} {name} — {self.eta(name)}", flush=True)
+        t0 = time.time()
+        result = fn()
+        self.seconds[name] = round(time.time() - t0, 1)
+        atomic_write_json(marker, {"hash": digest, "settings": settings, "seconds": self.seconds[name],
+                                   "result": result})
+        print(f"{number} {name} done in {self.seconds[name]:.0f} s", flush=True)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float = DEFAULT_MINUTES, device: str = "auto",
+             seed: int = 0, max_steps: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the demo in ``output`` and return the metrics written to ``output/metrics.json``."""
+    from rvl import demo_eval as ev
+    from rvl import demo_stages as st
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    device = st.resolve_device(device)
+    recipe = st.load_recipe(device)
+    runner = StageRunner(output, budget_s=minutes * 60.0, force=force)
+    base = {"studies": studies, "seed": seed, "image_size": recipe["image_size"]}
+
+    phantoms = runner.run("phantoms", base, lambda: st.stage_phantoms(output, studies, seed, recipe))
+    labels = runner.run("label", {}, lambda: st.stage_label(output, phantoms))
+    prepared = runner.run("prepare", {"size": recipe["image_size"]}, lambda: st.stage_prepare(output, labels, recipe))
+    train_settings = {"minutes": minutes, "device": device, "max_steps": max_steps, "recipe": recipe}
+    budget_left = minutes * 60.0 - (time.time() - t_start)
+    trained = runner.run("pretrain", train_settings,
+                         lambda: st.stage_pretrain(output, prepared, recipe, device, seed, budget_left, max_steps))
+    indexes = runner.run("index", {}, lambda: st.stage_index(output, prepared, trained, device))
+    evaluation = runner.run("evaluate", {"recipe": recipe.get("eval", {})},
+                            lambda: ev.stage_evaluate(output, phantoms, prepared, trained, indexes, device, recipe))
+
+    def _report() -> dict[str, Any]:
+        metrics = ev.assemble_metrics(phantoms, labels, prepared, trained, indexes, evaluation,
+                                      settings={"studies": studies, "minutes": minutes, "device": device,
+                                                "seed": seed, **{k: v for k, v in recipe.items() if k != "eval"}})
+        metrics["stage_seconds"] = {**runner.seconds, "report": 0.0}
+        metrics["reused_stages"] = list(runner.reused)
+        metrics["runtime_s"] = round(time.time() - t_start, 1)
+        ev.stage_report(output, metrics, evaluation, indexes)
+        return {"metrics": str(output / "metrics.json")}
+
+    runner.force = True  # the report is cheap and carries this run's timings: always rewrite it
+    runner.run("report", {}, _report)
+    return json.loads((output / "metrics.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rvl demo")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
