@@ -39,6 +39,7 @@ class ObjectiveConfig:
     contrastive_weight: float = 1.0
     caption_weight: float = 0.2         # report generation; 0 switches it off
     label_aware_weight: float = 0.3     # soft label-match targets; 0 = plain InfoNCE
+    label_head_weight: float = 0.0      # shared label classifier on both towers' embeddings (BCE on known labels)
 
 
 @dataclass

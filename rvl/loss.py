@@ -50,12 +50,17 @@ class RVLLoss(ClipLoss):
             whose label vectors match are not pushed apart as negatives). 0 = plain InfoNCE.
         caption_weight: weight of the report-generation cross-entropy.
         pad_id: token id ignored by the caption loss.
+        label_head_weight: weight of the shared label classifier applied to both the study and the report
+            embeddings (BCE against the known labels; uncertain counts as positive). Because one linear head scores
+            both modalities, it pulls studies and reports with the same findings to the same side of each label's
+            hyperplane in the joint space, which gives the contrastive objective a strong early signal.
         rank / world_size: this process in the data-parallel group (``accelerator.process_index`` / ``num_processes``).
     """
 
     def __init__(self, contrastive_weight: float = 1.0, label_aware_weight: float = 0.0, caption_weight: float = 0.0,
-                 pad_id: int = 0, rank: int = 0, world_size: int = 1):
+                 pad_id: int = 0, rank: int = 0, world_size: int = 1, label_head_weight: float = 0.0):
         super().__init__(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+        self.label_head_weight = label_head_weight
         self.contrastive_weight = contrastive_weight
         self.label_aware_weight = label_aware_weight
         self.caption_weight = caption_weight
@@ -110,5 +115,17 @@ class RVLLoss(ClipLoss):
         if self.caption_weight > 0 and "caption_logits" in model_out:
             losses["caption"] = self.caption(model_out["caption_logits"], model_out["text"])
             total = total + self.caption_weight * losses["caption"]
+        if self.label_head_weight > 0 and labels is not None and "study_label_logits" in model_out:
+            losses["label_head"] = (self.label_bce(model_out["study_label_logits"], labels)
+                                    + self.label_bce(model_out["text_label_logits"], labels)) / 2
+            total = total + self.label_head_weight * losses["label_head"]
         losses["total"] = total
         return losses
+
+    @staticmethod
+    def label_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean BCE over the known (non-NaN) CheXpert labels; uncertain (-1) is treated as positive (U-Ones)."""
+        known = ~torch.isnan(labels)
+        target = ((labels == POSITIVE) | (labels == UNCERTAIN)).float()
+        per_item = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+        return (per_item * known).sum() / known.sum().clamp_min(1)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rvl.constants import CHEXPERT_LABELS
 from rvl.heads import AttentionPool, CaptionDecoder, masked_mean
 
 __all__ = ["RVLModel", "create_model", "from_pretrained", "report_text_for_model"]
@@ -61,6 +62,8 @@ class RVLModel(nn.Module):
         self.view_types = list(rvl_cfg["view_types"])
         self.view_type_embed = nn.Embedding(len(self.view_types), dim)
         nn.init.normal_(self.view_type_embed.weight, std=0.02)
+        # one classifier for both modalities (used by the label_head objective; cheap, always present)
+        self.label_head = nn.Linear(dim, len(CHEXPERT_LABELS))
         self.fusion = AttentionPool(dim, rvl_cfg.get("fusion_heads", 4)) if rvl_cfg["fusion"] == "attention" else None
         if rvl_cfg["fusion"] not in ("attention", "mean"):
             raise ValueError(f"rvl_cfg.fusion must be 'attention' or 'mean', got {rvl_cfg['fusion']!r}")
@@ -171,8 +174,10 @@ class RVLModel(nn.Module):
                 caption: bool = True) -> dict[str, torch.Tensor]:
         """Everything the objectives need, from one pass over each tower."""
         study, (tokens, valid, token_types) = self.encode_study(images, view_mask, view_types, return_tokens=True)
-        out = {"study_features": study, "text_features": self.encode_text(text),
-               "logit_scale": self.logit_scale.exp(), "text": text}
+        text_features = self.encode_text(text)
+        out = {"study_features": study, "text_features": text_features, "logit_scale": self.logit_scale.exp(),
+               "text": text, "study_label_logits": self.label_head(study),
+               "text_label_logits": self.label_head(text_features)}
         if caption:
             out["caption_logits"] = self.caption_decoder(text, tokens, valid, token_types)
         return out

@@ -320,7 +320,7 @@ def train(cfg: Config) -> int:
         val_dl = accelerator.prepare(val_dl)
     loss_fn = RVLLoss(cfg.objectives.contrastive_weight, cfg.objectives.label_aware_weight,
                       cfg.objectives.caption_weight, pad_id=accelerator.unwrap_model(model).pad_id, rank=rank,
-                      world_size=world)
+                      world_size=world, label_head_weight=cfg.objectives.label_head_weight)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
