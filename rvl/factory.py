@@ -37,6 +37,7 @@ DEFAULT_RVL_CFG: dict[str, Any] = {
     "decoder": {"layers": 1, "width": 128, "heads": 4, "mlp_ratio": 4.0},
     "text_tower": None,             # {"hub_id": ..., "vocab_size": ..., BertConfig fields} or None (use text_cfg as is)
     "preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    "label_head": False,            # shared CheXpert-14 classifier on the joint space (label_head objective)
 }
 
 

@@ -62,8 +62,9 @@ class RVLModel(nn.Module):
         self.view_types = list(rvl_cfg["view_types"])
         self.view_type_embed = nn.Embedding(len(self.view_types), dim)
         nn.init.normal_(self.view_type_embed.weight, std=0.02)
-        # one classifier for both modalities (used by the label_head objective; cheap, always present)
-        self.label_head = nn.Linear(dim, len(CHEXPERT_LABELS))
+        # one classifier for both modalities, built only when the label_head objective trains it (an unused parameter
+        # would break DDP's gradient reduction)
+        self.label_head = nn.Linear(dim, len(CHEXPERT_LABELS)) if rvl_cfg.get("label_head") else None
         self.fusion = AttentionPool(dim, rvl_cfg.get("fusion_heads", 4)) if rvl_cfg["fusion"] == "attention" else None
         if rvl_cfg["fusion"] not in ("attention", "mean"):
             raise ValueError(f"rvl_cfg.fusion must be 'attention' or 'mean', got {rvl_cfg['fusion']!r}")
@@ -176,8 +177,9 @@ class RVLModel(nn.Module):
         study, (tokens, valid, token_types) = self.encode_study(images, view_mask, view_types, return_tokens=True)
         text_features = self.encode_text(text)
         out = {"study_features": study, "text_features": text_features, "logit_scale": self.logit_scale.exp(),
-               "text": text, "study_label_logits": self.label_head(study),
-               "text_label_logits": self.label_head(text_features)}
+               "text": text}
+        if self.label_head is not None:
+            out["study_label_logits"], out["text_label_logits"] = self.label_head(study), self.label_head(text_features)
         if caption:
             out["caption_logits"] = self.caption_decoder(text, tokens, valid, token_types)
         return out

@@ -164,6 +164,14 @@ def recall_at_k(studies, reports, ks=(1, 5, 10)) -> dict[str, float]:
     return out
 
 
+def model_overrides(cfg) -> dict:
+    """Model-config keys that follow from the training config (fusion choice, label head when its objective is on)."""
+    overrides = {"fusion": cfg.model.fusion} if cfg.model.fusion else {}
+    if cfg.objectives.label_head_weight > 0:
+        overrides["label_head"] = True
+    return overrides
+
+
 def zero_shot_auc(net, studies, labels) -> dict[str, float]:
     """AUC per label of softmax(100 * [s.pos, s.neg]) against manifest labels (1 vs 0; NaN / uncertain ignored)."""
     import numpy as np
@@ -287,8 +295,7 @@ def train(cfg: Config) -> int:
             train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, ctx)
             os.replace(tmp, tok_dir)
         accelerator.wait_for_everyone()
-        overrides = {"fusion": cfg.model.fusion} if cfg.model.fusion else {}
-        model = create_model(cfg.model.name, text_dir=tok_dir, **overrides)
+        model = create_model(cfg.model.name, text_dir=tok_dir, **model_overrides(cfg))
     train_set.image_transform = model.preprocess_train
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -417,7 +424,7 @@ def train(cfg: Config) -> int:
     if accelerator.is_main_process:
         if sharded:  # rebuild an unsharded copy to export
             net = from_pretrained(cfg.model.pretrained) if cfg.model.pretrained else create_model(
-                cfg.model.name, text_dir=tok_dir, **({"fusion": cfg.model.fusion} if cfg.model.fusion else {}))
+                cfg.model.name, text_dir=tok_dir, **model_overrides(cfg))
             net.load_state_dict(full_state)
         net.save_pretrained(out_dir / "model")
         seconds = max(time.perf_counter() - started, 1e-9)

@@ -95,6 +95,27 @@ def test_label_aware_loss_does_not_push_matching_pairs_apart():
     assert abs(float(soft_extra)) < 1e-5
 
 
+def test_label_head_bce_uses_known_labels_only_and_trains_both_towers():
+    from rvl.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("rvl-tiny", label_head=True)
+    batch = make_batch(model)
+    loss_fn = RVLLoss(contrastive_weight=0.0, label_head_weight=1.0)
+    out = model(batch["images"], batch["view_mask"], batch["view_types"], batch["text"], caption=False)
+    losses = loss_fn(out, batch["labels"])
+    # only the two labelled columns count: a blank (NaN) column with any logit changes nothing
+    logits = out["study_label_logits"].detach().clone()
+    expected = F.binary_cross_entropy_with_logits(logits[:, [2, 10]], batch["labels"][:, [2, 10]])
+    assert torch.isclose(RVLLoss.label_bce(logits, batch["labels"]), expected)
+    logits[:, 0] += 100.0
+    assert torch.isclose(RVLLoss.label_bce(logits, batch["labels"]), expected)
+    losses["total"].backward()
+    vis, txt = _grad_norms(model)
+    assert vis > 0 and txt > 0 and model.label_head.weight.grad.abs().sum() > 0
+    assert create_model("rvl-tiny").label_head is None  # no unused parameter when the objective is off
+
+
 def test_caption_loss_ignores_padding():
     loss_fn = RVLLoss(caption_weight=1.0, pad_id=0)
     tokens = torch.tensor([[2, 5, 6, 3, 0, 0]])
