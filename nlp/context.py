@@ -25,7 +25,7 @@ from spacy.language import Language
 from spacy.matcher import Matcher, PhraseMatcher
 from spacy.tokens import Doc
 
-from .mentions import add_patterns, file_key, pattern_anchors, run_gated
+from .mentions import add_rule_groups, file_key, run_gated
 
 DEFAULT_CUES = Path(__file__).parent / "resources" / "context.yaml"
 STATUS_OF = {"pre_negation_uncertainty": -1, "negation": 0, "post_negation_uncertainty": -1}
@@ -92,18 +92,8 @@ class ConTextComponent:
             entries = [{"phrase": p} for p in spec.get(category) or []]
             if entries:
                 groups[(category, "none", 0, 0, None)] = entries
-        all_patterns = []
-        for i, (key, entries) in enumerate(groups.items()):
-            match_key = f"rvl_cue_{i}"
-            match_id = nlp.vocab.strings.add(match_key)
-            self.cue_info[match_id] = key
-            phrases = [e["phrase"].lower() for e in entries if "phrase" in e]
-            if phrases:
-                self.phrase_matcher.add(match_key, list(nlp.tokenizer.pipe(phrases)))
-            patterns = [e["pattern"] for e in entries if "pattern" in e]
-            if patterns:
-                all_patterns.extend(add_patterns(self.phrase_matcher, self.matcher, match_key, patterns, nlp.vocab))
-        self.anchors = pattern_anchors(all_patterns, nlp.vocab.strings)
+        keys, self.anchors = add_rule_groups(nlp, self.phrase_matcher, self.matcher, groups, "rvl_cue")
+        self.cue_info.update(keys)
         self.list_words = np.array([nlp.vocab.strings.add(w) for w in _LIST_WORDS], dtype=np.uint64)
         self.comma = np.uint64(nlp.vocab.strings.add(","))
 

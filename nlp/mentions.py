@@ -119,6 +119,26 @@ def add_patterns(phrase_matcher: PhraseMatcher, matcher: Matcher, match_key: str
     return left
 
 
+def add_rule_groups(nlp, phrase_matcher: PhraseMatcher, matcher: Matcher, groups: dict, prefix: str
+                    ) -> tuple[dict[int, tuple], np.ndarray | None]:
+    """Register grouped rule entries (``{"phrase": ...}`` or ``{"pattern": [...]}``) under one match key per group.
+
+    Returns (match id -> group key, anchors for :func:`run_gated`). Shared by the mention and the context components.
+    """
+    keys: dict[int, tuple] = {}
+    all_patterns: list = []
+    for i, (key, entries) in enumerate(groups.items()):
+        match_key = f"{prefix}_{i}"
+        keys[nlp.vocab.strings.add(match_key)] = key
+        phrases = [e["phrase"].lower() for e in entries if "phrase" in e]
+        if phrases:
+            phrase_matcher.add(match_key, list(nlp.tokenizer.pipe(phrases)))
+        patterns = [e["pattern"] for e in entries if "pattern" in e]
+        if patterns:
+            all_patterns.extend(add_patterns(phrase_matcher, matcher, match_key, patterns, nlp.vocab))
+    return keys, pattern_anchors(all_patterns, nlp.vocab.strings)
+
+
 def pattern_anchors(patterns: list[list[dict]], strings) -> np.ndarray | None:
     """Hashes of words of which every token pattern needs at least one (its most selective required token).
 
@@ -171,19 +191,9 @@ class MentionMatcher:
                     implies = sorted((str(k), float(v)) for k, v in (entry.get("implies") or {}).items())
                     key = (obs, kind == "unmention", int(bool(entry.get("uncertain"))), tuple(implies))
                     groups.setdefault(key, []).append(entry)
-        all_patterns = []
-        for i, (key, entries) in enumerate(groups.items()):
-            match_key = f"rvl_obs_{i}"
-            match_id = nlp.vocab.strings.add(match_key)
-            obs, unmention, uncertain, implies = key
+        keys, self.anchors = add_rule_groups(nlp, self.phrase_matcher, self.matcher, groups, "rvl_obs")
+        for match_id, (obs, unmention, uncertain, implies) in keys.items():
             self.entries[match_id] = (obs, unmention, uncertain, [list(x) for x in implies])
-            phrases = [e["phrase"].lower() for e in entries if "phrase" in e]
-            if phrases:
-                self.phrase_matcher.add(match_key, list(nlp.tokenizer.pipe(phrases)))
-            patterns = [e["pattern"] for e in entries if "pattern" in e]
-            if patterns:
-                all_patterns.extend(add_patterns(self.phrase_matcher, self.matcher, match_key, patterns, nlp.vocab))
-        self.anchors = pattern_anchors(all_patterns, nlp.vocab.strings)
         self.labels = [o for o in vocabulary if o != OTHER_ABNORMALITY]
 
     def __call__(self, doc: Doc) -> Doc:

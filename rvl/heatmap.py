@@ -92,6 +92,8 @@ def save_overlay(square: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from rvl.metrics import save_figure
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     size_y, size_x = square.shape
@@ -107,12 +109,7 @@ def save_overlay(square: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike
     if title:
         ax.set_title(title, fontsize=9)
     ax.axis("off")
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI

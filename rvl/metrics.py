@@ -133,6 +133,14 @@ def save_roc_figure(scores: np.ndarray, targets: np.ndarray, labels: Sequence[st
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp file in the same folder, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp")
     fig.savefig(tmp, format="png")
