@@ -1,0 +1,193 @@
+"""Support code of the ``rvl pretrain`` loop (``rvl/train.py``): seeded data order, checkpoints, validation.
+
+Kept apart so that ``rvl/train.py`` reads top to bottom as the training loop itself.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_PREFIX = "step_"
+
+
+# ---------------------------------------------------------------------------------------------------- data helpers
+class EpochSampler:
+    """Shuffles ``range(n)`` with a generator seeded by (seed, epoch): the order never depends on RNG history."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        if not self.shuffle:
+            return iter(range(self.n))
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=rng).tolist())
+
+
+class SeededStudies:
+    """Wraps a study dataset so that item ``i`` of epoch ``e`` is drawn under its own seed (crops, view choice)."""
+
+    def __init__(self, dataset: Any, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class Collate:
+    """collate_studies + report tokens (findings + impression) for the text tower; picklable for workers."""
+
+    def __init__(self, tokenize):
+        self.tokenize = tokenize
+
+    def __call__(self, items: list[dict]) -> dict:
+        from rvl.data import collate_studies
+
+        batch = collate_studies(items)
+        batch["text"] = self.tokenize(batch["report"])
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+class TrainState:
+    """Counters saved with ``accelerator.save_state`` (registered for checkpointing)."""
+
+    def __init__(self):
+        self.step, self.micro_step, self.best_metric = 0, 0, -math.inf
+
+    def state_dict(self) -> dict[str, float]:
+        return {"step": self.step, "micro_step": self.micro_step, "best_metric": self.best_metric}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+        self.best_metric = float(state["best_metric"])
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ``.tmp-*`` folders are ignored)."""
+    found = [p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, name: str, keep_last: int | None) -> Path:
+    """``save_state`` into a tmp folder, then an atomic rename: a kill mid-save leaves the previous one intact."""
+    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # e.g. "best": move the old one aside first, drop it after the swap
+            old = ckpt_dir / f".old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        for stale in ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if keep_last:
+            for old_ckpt in list_checkpoints(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old_ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+# Minimal prompt pairs for validation only; the full zero-shot module (rvl.zeroshot) has the curated templates.
+_NORMAL_PROMPTS = ("no acute cardiopulmonary process.", "acute cardiopulmonary abnormality.")
+
+
+def recall_at_k(studies, reports, ks=(1, 5, 10)) -> dict[str, float]:
+    """Study->report retrieval recall@k; row i's true report is report i."""
+    scores = studies @ reports.T
+    true = scores.diagonal().unsqueeze(1)
+    study_rank = (scores > true).sum(1)  # number of wrong reports scored above the right one
+    report_rank = (scores.T > true).sum(1)
+    out = {f"study_to_report_R@{k}": float((study_rank < k).float().mean()) for k in ks}
+    out.update({f"report_to_study_R@{k}": float((report_rank < k).float().mean()) for k in ks})
+    return out
+
+
+def zero_shot_auc(net, studies, labels) -> dict[str, float]:
+    """AUC per label of softmax(100 * [s.pos, s.neg]) against manifest labels (1 vs 0; NaN / uncertain ignored)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from rvl.constants import CHEXPERT_LABELS
+
+    try:  # the curated prompt ensembles of rvl.zeroshot when that module is installed
+        from rvl.zeroshot import ZeroShotClassifier
+
+        prob = ZeroShotClassifier.from_model(net, list(CHEXPERT_LABELS)).predict_proba(studies.numpy())
+    except Exception as err:  # noqa: BLE001 - validation must not kill a training run; fall back to simple prompts
+        logging.getLogger(__name__).debug("rvl.zeroshot unavailable (%s); using simple prompts", err)
+        prompts = []
+        for name in CHEXPERT_LABELS:
+            prompts += list(_NORMAL_PROMPTS) if name == "No Finding" else [f"{name.lower()}.", f"no {name.lower()}."]
+        emb = net.encode_reports(prompts).float().cpu().view(len(CHEXPERT_LABELS), 2, -1)
+        prob = (100.0 * torch.einsum("nd,lkd->nlk", studies, emb)).softmax(-1)[..., 0].numpy()
+    out, aucs = {}, []
+    for j, name in enumerate(CHEXPERT_LABELS):
+        y = labels[:, j].numpy()
+        keep = (y == 1) | (y == 0)
+        if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
+            continue
+        auc = float(roc_auc_score(y[keep], prob[keep, j]))
+        out[f"zeroshot/{name}_auroc"] = auc
+        aucs.append(auc)
+    if aucs:
+        out["zeroshot_macro_auc"] = float(np.mean(aucs))
+    return out
+
+
+def evaluate(accelerator, model, val_dl) -> dict[str, float]:
+    """Zero-shot AUC per label from pos/neg prompts and study->report R@1/5/10 on the validation split."""
+    import torch
+
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    studies, reports, labels = [], [], []
+    with torch.no_grad():
+        for batch in val_dl:
+            with accelerator.autocast():
+                s = net.encode_study(batch["images"], batch["view_mask"], batch["view_types"])
+                t = net.encode_text(batch["text"])
+            s, t, lab = accelerator.gather_for_metrics((s.float(), t.float(), batch["labels"].float()))
+            studies.append(s.cpu()), reports.append(t.cpu()), labels.append(lab.cpu())
+    metrics: dict[str, float] = {}
+    if studies:
+        studies_t, reports_t, labels_t = torch.cat(studies), torch.cat(reports), torch.cat(labels)
+        metrics.update(recall_at_k(studies_t, reports_t, ks=(1, 5, 10)))
+        metrics.update(zero_shot_auc(net, studies_t, labels_t))
+    net.train(was_training)
+    return metrics
