@@ -76,7 +76,7 @@ def probe_tower(model_name: str, cache: Path, steps: int, lr: float, batch_size:
     started, step = time.perf_counter(), 0
     while step < steps:
         for batch in loader:
-            study = model.encode_study(batch["images"], batch["view_mask"], batch["view_types"])
+            study = model.encode_study(batch["images"], batch["view_mask"], batch["view_types"], normalize=False)
             loss = RVLLoss.label_bce(model.label_head(study), batch["labels"])
             optimizer.zero_grad()
             loss.backward()
@@ -89,7 +89,7 @@ def probe_tower(model_name: str, cache: Path, steps: int, lr: float, batch_size:
     scores, labels = [], []
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(val, batch_size=64, collate_fn=collate_studies):
-            study = model.encode_study(batch["images"], batch["view_mask"], batch["view_types"])
+            study = model.encode_study(batch["images"], batch["view_mask"], batch["view_types"], normalize=False)
             scores.append(model.label_head(study))
             labels.append(batch["labels"])
     return per_label_auc(torch.cat(scores).numpy(), torch.cat(labels).numpy()), seconds

@@ -23,6 +23,7 @@ class DataConfig:
     num_workers: int = 0
     strict: bool = False                # unreadable image -> error instead of a counted skip
     max_val_studies: int = 2000
+    sentence_sampling: float = 0.0      # chance a training text is one report sentence (rvl.text_sampling)
 
 
 @dataclass

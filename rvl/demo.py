@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_STUDIES = 2000
-DEFAULT_MINUTES = 8.0
+DEFAULT_MINUTES = 9.0
 STAGES = ["phantoms", "label", "prepare", "pretrain", "index", "evaluate", "report"]
 # share of the time budget each stage is expected to take; pretraining gets what the others leave (for the ETA)
 STAGE_WEIGHTS = {"phantoms": 0.04, "label": 0.02, "prepare": 0.05, "pretrain": 0.70, "index": 0.04, "evaluate": 0.12,

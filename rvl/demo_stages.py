@@ -23,7 +23,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "phantom_size": 256,        # phantoms are drawn at 256 px and prepared at the model's input size
     "min_steps": 40,
     "max_steps": 600,
-    "train_share": 0.75,        # share of the budget left after the data stages that both trainings may use
+    "train_share": 0.8,         # share of the budget left after the data stages that both trainings may use
     "eval": {"knn_k": 20, "bootstrap": 1000, "heatmap_examples": 8},
 }
 
@@ -224,9 +224,10 @@ def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any
         t_multi = measure_step_seconds(recipe, device, views=2)
         torch.set_num_threads(before)
         train_s = max(budget_left_s, 30.0) * recipe["train_share"]
-        # the trainer's step also loads and augments the images and steps the optimiser (about 1.5x the bare step
-        # measured here); run one after the other, the frontal model adds about 0.6x
-        steps = int(train_s / (1.5 * t_multi if parallel else 2.4 * t_multi))
+        # the trainer's step also loads and augments the images and steps the optimiser (about 1.1x the bare step
+        # measured here, the frontal model running beside it on the other cores); one after the other, the frontal
+        # model adds about 0.6x
+        steps = int(train_s / (1.1 * t_multi if parallel else 1.8 * t_multi))
         print(f"one multi-view training step takes {t_multi:.2f} s here: {steps} steps fit the budget", flush=True)
         max_steps = int(min(recipe["max_steps"], max(recipe["min_steps"], steps)))
     result: dict[str, Any] = {"steps": max_steps, "batch_size": recipe["batch_size"], "parallel": parallel}

@@ -47,6 +47,12 @@ def from_pretrained(path: str | Path) -> "RVLModel":
     return _load(path)
 
 
+def _is_timm_avg_linear(vision_cfg: dict) -> bool:
+    """True for an open_clip timm tower whose pooled embedding is a linear projection of the averaged feature map."""
+    return bool(vision_cfg.get("timm_model_name")) and vision_cfg.get("timm_pool", "avg") == "avg" \
+        and vision_cfg.get("timm_proj", "linear") == "linear"
+
+
 class RVLModel(nn.Module):
     """Study encoder + report encoder in a joint space, plus the report-generation decoder."""
 
@@ -68,9 +74,16 @@ class RVLModel(nn.Module):
         self.fusion = AttentionPool(dim, rvl_cfg.get("fusion_heads", 4)) if rvl_cfg["fusion"] == "attention" else None
         if rvl_cfg["fusion"] not in ("attention", "mean"):
             raise ValueError(f"rvl_cfg.fusion must be 'attention' or 'mean', got {rvl_cfg['fusion']!r}")
-        # patch tokens only from open_clip's own ViT (timm towers: one pooled token per view instead)
+        # where the per-location tokens come from: open_clip's ViT (patch tokens) or a timm CNN tower with average
+        # pooling and a linear projection (feature-map cells); other towers give one pooled token per view
         self._vit = isinstance(clip.visual, open_clip.transformer.VisionTransformer) and clip.visual.proj is not None
-        memory_dim = clip.visual.proj.shape[0] if self._vit else dim
+        self._timm_map = _is_timm_avg_linear(model_cfg.get("vision_cfg", {}))
+        if self._vit:
+            memory_dim = clip.visual.proj.shape[0]
+        elif self._timm_map:
+            memory_dim = clip.visual.trunk.num_features
+        else:
+            memory_dim = dim
         hf_tok = getattr(tokenizer, "tokenizer", None)
         vocab_size = len(hf_tok) if hf_tok is not None else int(getattr(tokenizer, "vocab_size", 49408))
         self.pad_id = int(hf_tok.pad_token_id) if hf_tok is not None else 0
@@ -99,6 +112,10 @@ class RVLModel(nn.Module):
     def _encode_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [N, 3, H, W] -> (pooled [N, D] unnormalised, tokens [N, P, W] after ln_post)."""
         visual = self.clip.visual
+        if self._timm_map:  # same steps as open_clip TimmModel.forward, keeping the feature map [N, C, h, w]
+            features = visual.trunk.forward_features(images)
+            pooled = visual.head(visual.trunk.forward_head(features))
+            return pooled, (features.flatten(2).transpose(1, 2) if features.ndim == 4 else features)
         if not self._vit:
             pooled = self.clip.encode_image(images)
             return pooled, pooled.unsqueeze(1)
@@ -113,13 +130,23 @@ class RVLModel(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_patches(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Patch tokens projected into the joint space: [N, 3, H, W] -> [N, gh, gw, D] (grounding heatmaps)."""
-        if not self._vit:
-            raise NotImplementedError("encode_patches needs an open_clip ViT image tower")
-        _, tokens = self._encode_views(images)
-        patches = tokens @ self.clip.visual.proj
-        grid = self.clip.visual.grid_size
-        patches = patches.reshape(patches.shape[0], grid[0], grid[1], -1)
+        """Patch tokens projected into the joint space: [N, 3, H, W] -> [N, gh, gw, D] (grounding heatmaps).
+
+        For a timm CNN tower with average pooling and a linear projection the cells of the last feature map go
+        through the same projection, so they average exactly to the view embedding (a class-activation map).
+        """
+        if self._timm_map:
+            features = self.clip.visual.trunk.forward_features(images)
+            if features.ndim != 4:
+                raise NotImplementedError("encode_patches needs a timm trunk with a 2-D feature map (a CNN)")
+            patches = self.clip.visual.head(features.permute(0, 2, 3, 1))
+        elif self._vit:
+            _, tokens = self._encode_views(images)
+            grid = self.clip.visual.grid_size
+            patches = (tokens @ self.clip.visual.proj).reshape(tokens.shape[0], grid[0], grid[1], -1)
+        else:
+            raise NotImplementedError("encode_patches needs an open_clip ViT or a timm tower with timm_pool 'avg' "
+                                      "and timm_proj 'linear'")
         return F.normalize(patches, dim=-1) if normalize else patches
 
     def encode_study(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor,
@@ -174,11 +201,13 @@ class RVLModel(nn.Module):
     def forward(self, images: torch.Tensor, view_mask: torch.Tensor, view_types: torch.Tensor, text: torch.Tensor,
                 caption: bool = True) -> dict[str, torch.Tensor]:
         """Everything the objectives need, from one pass over each tower."""
-        study, (tokens, valid, token_types) = self.encode_study(images, view_mask, view_types, return_tokens=True)
-        text_features = self.encode_text(text)
-        out = {"study_features": study, "text_features": text_features, "logit_scale": self.logit_scale.exp(),
-               "text": text}
+        study, (tokens, valid, token_types) = self.encode_study(images, view_mask, view_types, normalize=False,
+                                                               return_tokens=True)
+        text_features = self.encode_text(text, normalize=False)
+        out = {"study_features": F.normalize(study, dim=-1), "text_features": F.normalize(text_features, dim=-1),
+               "logit_scale": self.logit_scale.exp(), "text": text}
         if self.label_head is not None:
+            # on the unnormalised embeddings: on the unit sphere the logits are bounded by |W| and BCE learns slowly
             out["study_label_logits"], out["text_label_logits"] = self.label_head(study), self.label_head(text_features)
         if caption:
             out["caption_logits"] = self.caption_decoder(text, tokens, valid, token_types)

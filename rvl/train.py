@@ -77,6 +77,7 @@ def train(cfg: Config) -> int:
     from rvl.factory import create_model, from_pretrained, train_wordpiece
     from rvl.loss import RVLLoss
     from rvl.model import report_text_for_model
+    from rvl.text_sampling import ReportSentenceSampler
 
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -121,8 +122,9 @@ def train(cfg: Config) -> int:
         model.set_grad_checkpointing(True)
     if cfg.objectives.caption_weight <= 0:  # unused params would stall DDP's gradient reduction
         model.caption_decoder.requires_grad_(False)
-    collate = Collate(model.tokenize_reports)
-    seeded = SeededStudies(train_set, cfg.train.seed)
+    sentences = ReportSentenceSampler(cfg.data.sentence_sampling) if cfg.data.sentence_sampling > 0 else None
+    collate = Collate(model.tokenize_reports, sentences)
+    seeded = SeededStudies(train_set, cfg.train.seed, sentences)
     sampler = EpochSampler(len(seeded), cfg.train.seed)
     train_dl = DataLoader(seeded, batch_size=cfg.optim.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=cfg.data.num_workers, drop_last=True)  # equal batches on every rank
@@ -185,7 +187,8 @@ def train(cfg: Config) -> int:
                 with accelerator.autocast():
                     out = model(batch["images"], batch["view_mask"], batch["view_types"], batch["text"],
                                 caption=cfg.objectives.caption_weight > 0)
-                losses = loss_fn(out, batch["labels"])
+                losses = loss_fn(out, batch["labels"], text_labels=batch["text_labels"],
+                                 text_is_sentence=batch["text_is_sentence"])
                 finite = torch.isfinite(losses["total"].detach()).float()
                 if accelerator.reduce(finite, "sum").item() == world:  # every rank agrees to step or to skip
                     accelerator.backward(losses["total"])

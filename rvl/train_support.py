@@ -37,10 +37,12 @@ class EpochSampler:
 
 
 class SeededStudies:
-    """Wraps a study dataset so that item ``i`` of epoch ``e`` is drawn under its own seed (crops, view choice)."""
+    """Wraps a study dataset so that item ``i`` of epoch ``e`` is drawn under its own seed (crops, view choice, and
+    the report sentence when ``sentence_sampler`` is given: the item then carries ``sentence``, str or None)."""
 
-    def __init__(self, dataset: Any, seed: int):
+    def __init__(self, dataset: Any, seed: int, sentence_sampler: Any = None):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.sentence_sampler = sentence_sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,20 +57,37 @@ class SeededStudies:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
+            item = self.dataset[index]
+            if self.sentence_sampler is not None:
+                item["sentence"] = self.sentence_sampler.sample(item["report"])
+            return item
 
 
 class Collate:
-    """collate_studies + report tokens (findings + impression) for the text tower; picklable for workers."""
+    """collate_studies + text tokens for the text tower; picklable for workers.
 
-    def __init__(self, tokenize):
-        self.tokenize = tokenize
+    The text of a study is its report (findings + impression), or the sampled sentence when the item has one. The
+    batch gets ``text_labels`` (the study labels, or the sentence's own labels) and ``text_is_sentence``.
+    """
+
+    def __init__(self, tokenize, sentence_sampler: Any = None):
+        self.tokenize, self.sentence_sampler = tokenize, sentence_sampler
 
     def __call__(self, items: list[dict]) -> dict:
+        import torch
+
         from rvl.data import collate_studies
 
+        sentences = [item.pop("sentence", None) for item in items]
         batch = collate_studies(items)
-        batch["text"] = self.tokenize(batch["report"])
+        is_sentence = [s is not None for s in sentences]
+        batch["text"] = self.tokenize([s if s is not None else r for s, r in zip(sentences, batch["report"])])
+        batch["text_is_sentence"] = torch.tensor(is_sentence, dtype=torch.bool)
+        batch["text_labels"] = batch["labels"].clone()
+        if any(is_sentence):
+            rows = [i for i, flag in enumerate(is_sentence) if flag]
+            values = self.sentence_sampler.label([sentences[i] for i in rows])
+            batch["text_labels"][rows] = torch.from_numpy(values).to(batch["text_labels"].dtype)
         return batch
 
 

@@ -194,3 +194,41 @@ if __name__ == "__main__":
     import sys
 
     _ddp_main(*sys.argv[1:4])
+
+
+def test_sentence_texts_match_every_study_that_agrees_with_what_they_state():
+    from rvl.loss import label_compatibility
+
+    nan = float("nan")
+    # columns: [cardiomegaly, effusion, pneumothorax]
+    studies = torch.tensor([[1, 0, nan], [1, 1, 0], [nan, nan, nan]], dtype=torch.float)
+    texts = torch.tensor([[nan, 0, nan],      # sentence "no pleural effusion"
+                          [1, nan, nan],      # sentence "moderate cardiomegaly"
+                          [nan, nan, nan],    # sentence stating nothing ("clear lungs" without a label)
+                          [1, 0, nan]],       # whole report: blanks mean absent
+                         dtype=torch.float)
+    is_sentence = torch.tensor([True, True, True, False])
+    compat = label_compatibility(studies, texts, is_sentence)
+    assert compat.tolist() == [[True, True, False, True],
+                               [False, True, False, False],
+                               [False, False, False, False]]  # an unlabelled study matches nothing but its own pair
+    targets = label_match_targets(studies, texts[:3], 0, all_is_sentence=is_sentence[:3])
+    assert torch.allclose(targets[2], torch.tensor([0.0, 0, 1]))
+    assert torch.allclose(targets.sum(1), torch.ones(3))
+
+
+def test_sentence_aware_contrastive_reduces_to_report_targets_without_sentences():
+    g = torch.Generator().manual_seed(3)
+    s, t = F.normalize(torch.randn(5, 8, generator=g), dim=-1), F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [float("nan"), float("nan")], [1, 1]])
+    loss = RVLLoss(label_aware_weight=0.7)
+    scale = torch.tensor(10.0)
+    plain = loss.contrastive(s, t, scale, labels)
+    same = loss.contrastive(s, t, scale, labels, text_labels=labels, text_is_sentence=torch.zeros(5, dtype=torch.bool))
+    assert torch.allclose(plain, same)
+    # the same label vectors read as sentences that state only their first column: more pairs match, the loss moves
+    sentences = labels.clone()
+    sentences[:, 1] = float("nan")
+    other = loss.contrastive(s, t, scale, labels, text_labels=sentences,
+                             text_is_sentence=torch.ones(5, dtype=torch.bool))
+    assert not torch.allclose(plain, other)

@@ -166,3 +166,25 @@ def test_text_tower_initialised_from_local_hf_dir(tmp_path):
     loaded = model.clip.text.transformer.embeddings.word_embeddings.weight
     assert torch.equal(loaded, bert.embeddings.word_embeddings.weight)
     assert model.tokenizer(["mild cardiomegaly"]).shape == (1, 32)
+
+
+def test_timm_cnn_tower_patches_average_to_the_view_embedding_and_export_loads_in_open_clip(tmp_path):
+    """rvl-demo's timm ResNet tower: per-cell embeddings (the grounding heatmap) are exact parts of the pooled one."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = create_model("rvl-demo", tokenizer_texts=["no acute process", "small left effusion"]).eval()
+    images = torch.randn(3, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        cells = model.encode_patches(images, normalize=False)
+        pooled = model.encode_image(images, normalize=False)
+        grid = model.image_size // 32  # ResNet stride
+        assert cells.shape == (3, grid, grid, model.embed_dim)
+        assert torch.allclose(cells.mean(dim=(1, 2)), pooled, atol=1e-5)
+        study = model.encode_study(images[:2].unsqueeze(1).repeat(1, 2, 1, 1, 1), torch.tensor([[1, 1], [1, 0]]),
+                                   torch.tensor([[0, 2], [1, 4]]))
+        assert torch.allclose(study.norm(dim=-1), torch.ones(2), atol=1e-5)
+    out = model.save_pretrained(tmp_path / "export")
+    clip, _ = open_clip.create_model_from_pretrained(f"local-dir:{out}")
+    with torch.no_grad():
+        assert torch.allclose(clip.eval().encode_image(images, normalize=True), model.encode_image(images), atol=1e-5)

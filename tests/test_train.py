@@ -37,7 +37,7 @@ def phantoms(tmp_path_factory) -> Path:
 def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rvl", "pretrain", "--data", str(data), "--output-dir", str(out), "--model",
             "rvl-tiny", "--max-steps", "9", "--batch-size", "8", "--save-every", "3", "--seed", "3",
-            "--eval-every", "100", "--log-with", "none", "--cpu", *extra]
+            "--eval-every", "100", "--log-with", "none", "--sentence-sampling", "0.5", "--cpu", *extra]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -160,8 +160,8 @@ def test_nan_losses_stop_with_last_good_checkpoint(phantoms, tmp_path, monkeypat
     calls = {"n": 0}
     forward = RVLLoss.forward
 
-    def poisoned(self, model_out, labels=None, output_dict=True):
-        out = forward(self, model_out, labels)
+    def poisoned(self, model_out, labels=None, output_dict=True, **text):
+        out = forward(self, model_out, labels, **text)
         calls["n"] += 1
         if calls["n"] > 3:
             out["total"] = out["total"] * float("nan")
