@@ -164,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    cases = [("rvl-tiny", 64, 32)] + ([] if args.quick else [("rvl-small", 128, 32)])
+    cases = [("rvl-tiny", 64, 32)] + ([] if args.quick else [("rvl-small", 128, 32), ("rvl-demo", 128, 32)])
     steps = args.steps or (8 if args.quick else 20)
     with tempfile.TemporaryDirectory(prefix="rvl-bench-") as tmp:
         rows = [cpu_bench(name, size, batch, steps, Path(tmp)) for name, size, batch in cases]

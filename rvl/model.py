@@ -102,6 +102,12 @@ class RVLModel(nn.Module):
         self.preprocess_train = transform(is_train=True)
 
     @property
+    def additive_patches(self) -> bool:
+        """True when the unnormalised patch embeddings average exactly to the view embedding (timm CNN tower): a
+        cell's dot product with a text embedding is then its share of the image-text similarity (a CAM)."""
+        return self._timm_map
+
+    @property
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 

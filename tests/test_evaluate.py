@@ -75,7 +75,7 @@ def test_evaluate_model_on_phantoms(phantom_setup):
                             max_pointing=12, heatmap_examples=2)
     frame = pd.read_parquet(manifest)
     assert result["n_studies"] == int((frame["split"] == "validate").sum())
-    for kind in ("zeroshot_prompt", "zeroshot_knn"):
+    for kind in ("zeroshot_prompt", "zeroshot_prompt_on_reports", "zeroshot_knn"):
         macro = result[kind]["macro"]
         assert macro["auc"] is None or 0 <= macro["ci_low"] <= macro["auc"] <= macro["ci_high"] <= 1
         assert set(result[kind]["per_label"]) == set(result["labels"])

@@ -86,3 +86,21 @@ def test_real_model_heatmap_overlay_and_cli(tmp_path):
     assert Image.open(tmp_path / "hm.png").format == "PNG"
     assert main(["heatmap", "--model", str(model_dir), "--image", str(tmp_path / "nope.png"), "--text", "x",
                  "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_cnn_heatmap_cells_share_out_the_image_text_score():
+    """For the timm CNN tower the heatmap cells are additive: their mean is the pooled image embedding's score."""
+    import torch
+
+    from rvl.heatmap import patch_similarity
+    from rvl.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("rvl-demo", tokenizer_texts=["left pleural effusion", "no pneumothorax"]).eval()
+    assert model.additive_patches
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    text = model.encode_reports(["left pleural effusion", "no pneumothorax"]).numpy()
+    grids = patch_similarity(model, images, text)
+    with torch.no_grad():
+        pooled = model.encode_image(images, normalize=False).numpy()
+    np.testing.assert_allclose(grids.mean(axis=(1, 2)), (pooled * text).sum(-1), rtol=1e-4, atol=1e-5)
