@@ -102,3 +102,17 @@ def test_evaluate_cli(phantom_setup, tmp_path, capsys):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["zeroshot_knn"]["label_source"] == "nlp"  # neighbours vote with rvl.nlp labels of the reports
     assert main(["evaluate", "--model", str(model_dir), "--data", str(manifest), "--split", "nope"]) == 2
+
+
+def test_validation_recall_counts_identical_reports_as_hits_like_rvl_evaluate():
+    import torch
+
+    from rvl.train_support import retrieval_recall
+
+    studies = torch.eye(3)
+    reports = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]])  # study 0 is closest to report 1, and vice versa
+    distinct = torch.tensor([[5, 6], [7, 8], [9, 9]])
+    same_01 = torch.tensor([[5, 6], [5, 6], [9, 9]])  # reports 0 and 1 have the same text
+    assert retrieval_recall(studies, reports, distinct, ks=(1,))["study_to_report_R@1"] == pytest.approx(1 / 3)
+    both = retrieval_recall(studies, reports, same_01, ks=(1,))
+    assert both["study_to_report_R@1"] == 1.0 and both["report_to_study_R@1"] == 1.0
