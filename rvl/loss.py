@@ -49,8 +49,12 @@ def label_match_targets(labels: torch.Tensor, all_labels: torch.Tensor, row_offs
     ``labels`` [b, 14] are this rank's rows, ``all_labels`` [N, 14] the columns (the global batch). For two whole
     reports compatibility is equality of the binarised label vectors, so the matrix is symmetric.
     """
-    match = label_compatibility(labels, all_labels, all_is_sentence, uncertain_as)
-    idx = torch.arange(labels.shape[0], device=labels.device)
+    return _spread_over_matches(label_compatibility(labels, all_labels, all_is_sentence, uncertain_as), row_offset)
+
+
+def _spread_over_matches(match: torch.Tensor, row_offset: int) -> torch.Tensor:
+    """Bool [b, N] matches -> row-normalised targets, each row i always matching its own pair ``i + row_offset``."""
+    idx = torch.arange(match.shape[0], device=match.device)
     match[idx, idx + row_offset] = True
     targets = match.float()
     return targets / targets.sum(1, keepdim=True)
@@ -109,10 +113,8 @@ class RVLLoss(ClipLoss):
         all_study_labels = self._gather(labels)
         per_study = label_match_targets(labels, all_text_labels, offset, all_is_sentence=all_sentence)
         # text -> study rows: this rank's texts against every study (the same compatibility, read by column)
-        match = label_compatibility(all_study_labels, text_labels, sentence_flags.bool()).T
-        idx = torch.arange(labels.shape[0], device=labels.device)
-        match[idx, idx + offset] = True
-        per_text = match.float() / match.float().sum(1, keepdim=True)
+        per_text = _spread_over_matches(label_compatibility(all_study_labels, text_labels, sentence_flags.bool()).T,
+                                        offset)
         one_hot = F.one_hot(hard, logits_per_study.shape[1]).to(per_study.dtype)
         weight = self.label_aware_weight
         return (F.cross_entropy(logits_per_study, (1 - weight) * one_hot + weight * per_study)

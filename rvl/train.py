@@ -111,9 +111,10 @@ def train(cfg: Config) -> int:
             texts = [report_text_for_model(r) for r in train_set.frame["report"].astype(str)]
             from rvl.factory import get_model_config
 
-            spec = get_model_config(cfg.model.name)["rvl_cfg"].get("text_tower") or {}
-            ctx = get_model_config(cfg.model.name)["text_cfg"].get("context_length", 128)
-            train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, ctx)
+            model_cfg = get_model_config(cfg.model.name)
+            spec = model_cfg["rvl_cfg"].get("text_tower") or {}
+            context = model_cfg["text_cfg"].get("context_length", 128)
+            train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, context)
             os.replace(tmp, tok_dir)
         accelerator.wait_for_everyone()
         model = create_model(cfg.model.name, text_dir=tok_dir, **model_overrides(cfg))
