@@ -79,10 +79,10 @@ def study_tensors(model: Any, paths: Sequence[str | os.PathLike], views: Sequenc
     import torch
 
     from rvl.constants import normalize_view, view_type_id
+    from rvl.data.dataset import select_views
 
-    max_views = max_views or len(paths)
     views = [normalize_view(v) for v in (views or ["OTHER"] * len(paths))]
-    order = sorted(range(len(paths)), key=lambda i: views[i] not in ("PA", "AP"))[:max_views]
+    order = select_views(views, max_views or len(paths), None)  # frontal views first, then file order
     squares = [read_square(paths[i], model.image_size) for i in order]
     images = images_to_tensor(model, squares)
     return {"images": images[None], "view_mask": torch.ones(1, len(order), dtype=torch.bool),

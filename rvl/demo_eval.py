@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from rvl.demo_stages import FRONTAL_VIEWS
 
 
 # ------------------------------------------------------------------------------------------------ 6. evaluate
@@ -146,9 +145,10 @@ def retrieval_example(indexes: dict[str, Any], evaluation: dict[str, Any], k: in
     query = (abnormal if len(abnormal) else test).iloc[0]
 
     def frontal(row) -> np.ndarray:
+        from rvl.data.dataset import select_views
+
         paths, views = json.loads(row["image_paths"]), json.loads(row["view_positions"])
-        order = sorted(range(len(paths)), key=lambda i: str(views[i]).upper() not in FRONTAL_VIEWS)
-        return read_image(paths[order[0]])
+        return read_image(paths[select_views([str(v).upper() for v in views], 1, None)[0]])
 
     vector = index.reconstruct([int(query["id"])]) if hasattr(index, "reconstruct") else None
     if vector is None:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-FRONTAL_VIEWS = ("PA", "AP")
+from rvl.constants import FRONTAL_VIEWS
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Demo-level settings; the training recipe itself is the data file rvl/configs/demo.yaml. Tuned on the model side
 # only: the phantoms are never changed to make the model look good.
