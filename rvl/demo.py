@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from rvl.fileio import write_text_atomic
 
 DEFAULT_STUDIES = 2000
 DEFAULT_MINUTES = 9.0
@@ -81,9 +82,7 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

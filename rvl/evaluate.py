@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rvl.constants import CHEXPERT_LABELS
+from rvl.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +212,7 @@ def evaluate_model(model: Any, data: str | os.PathLike, split: str = "test", out
         if knn_probs is not None:
             figures["roc_knn"] = save_roc_figure(knn_probs, targets, labels, out / "roc_knn.png", "kNN zero-shot ROC")
         result["figures"] = {k: str(v) for k, v in figures.items() if v is not None}
-        tmp = out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out / "metrics.json")
+        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from rvl.fileio import replace_dir
+
 _LOGGER = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 RVL_CONFIG_NAME = "rvl_config.json"
@@ -256,13 +258,7 @@ def save_pretrained(model, save_dir: str | Path) -> Path:
     (tmp / RVL_WEIGHTS_SUBDIR).mkdir()
     heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
     safetensors.torch.save_file(heads, str(tmp / RVL_WEIGHTS_SUBDIR / RVL_WEIGHTS_NAME))
-    if save_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.old-", dir=save_dir.parent))
-        os.replace(save_dir, old / "x")
-        os.replace(tmp, save_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, save_dir)
+    replace_dir(tmp, save_dir)
     return save_dir
 
 

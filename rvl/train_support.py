@@ -4,12 +4,12 @@ Kept apart so that ``rvl/train.py`` reads top to bottom as the training loop its
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from rvl.fileio import replace_dir
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -122,14 +122,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, name: str, keep_last: int | Non
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # e.g. "best": move the old one aside first, drop it after the swap
-            old = ckpt_dir / f".old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # e.g. "best": the old one is moved aside first and dropped after the swap
         for stale in ckpt_dir.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         if keep_last:
@@ -140,10 +133,6 @@ def save_checkpoint(accelerator, ckpt_dir: Path, name: str, keep_last: int | Non
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-# Minimal prompt pairs for validation only; the full zero-shot module (rvl.zeroshot) has the curated templates.
-_NORMAL_PROMPTS = ("no acute cardiopulmonary process.", "acute cardiopulmonary abnormality.")
-
-
 def retrieval_recall(studies, reports, tokens, ks=(1, 5, 10)) -> dict[str, float]:
     """Study->report and report->study R@k on the validation split, as ``rvl evaluate`` scores them: a hit is the
     paired report or any report whose text tokens are identical (phantom and real reports repeat)."""
@@ -160,24 +149,15 @@ def retrieval_recall(studies, reports, tokens, ks=(1, 5, 10)) -> dict[str, float
 
 
 def zero_shot_auc(net, studies, labels) -> dict[str, float]:
-    """AUC per label of softmax(100 * [s.pos, s.neg]) against manifest labels (1 vs 0; NaN / uncertain ignored)."""
+    """AUC per label of the packaged prompt ensembles (``rvl.zeroshot``) against manifest labels (1 vs 0; blank and
+    uncertain left out)."""
     import numpy as np
-    import torch
     from sklearn.metrics import roc_auc_score
 
     from rvl.constants import CHEXPERT_LABELS
+    from rvl.zeroshot import ZeroShotClassifier
 
-    try:  # the curated prompt ensembles of rvl.zeroshot when that module is installed
-        from rvl.zeroshot import ZeroShotClassifier
-
-        prob = ZeroShotClassifier.from_model(net, list(CHEXPERT_LABELS)).predict_proba(studies.numpy())
-    except Exception as err:  # noqa: BLE001 - validation must not kill a training run; fall back to simple prompts
-        logging.getLogger(__name__).debug("rvl.zeroshot unavailable (%s); using simple prompts", err)
-        prompts = []
-        for name in CHEXPERT_LABELS:
-            prompts += list(_NORMAL_PROMPTS) if name == "No Finding" else [f"{name.lower()}.", f"no {name.lower()}."]
-        emb = net.encode_reports(prompts).float().cpu().view(len(CHEXPERT_LABELS), 2, -1)
-        prob = (100.0 * torch.einsum("nd,lkd->nlk", studies, emb)).softmax(-1)[..., 0].numpy()
+    prob = ZeroShotClassifier.from_model(net, list(CHEXPERT_LABELS)).predict_proba(studies.numpy())
     out, aucs = {}, []
     for j, name in enumerate(CHEXPERT_LABELS):
         y = labels[:, j].numpy()

@@ -13,6 +13,7 @@ kNN zero-shot needs no prompts: the ``k`` most similar reports of an index whose
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -92,8 +93,6 @@ class ZeroShotClassifier:
     """
 
     def __init__(self, labels: Sequence[str], positive: np.ndarray, negative: np.ndarray, logit_scale: float = 100.0):
-        from rvl.retrieval import EmbeddingIndex
-
         self.labels = list(labels)
         self.positive = np.asarray(positive, np.float32)
         self.negative = np.asarray(negative, np.float32)
@@ -101,7 +100,13 @@ class ZeroShotClassifier:
             raise ValueError(f"{len(self.labels)} labels, positive {self.positive.shape}, negative "
                              f"{self.negative.shape}: shapes must agree")
         self.logit_scale = float(logit_scale)
-        self.label_index = EmbeddingIndex.build(self.positive, np.arange(len(self.labels)), factory="Flat")
+
+    @functools.cached_property
+    def label_index(self):
+        """FAISS index of the positive prompt directions, built on first use (scoring needs no faiss)."""
+        from rvl.retrieval import EmbeddingIndex
+
+        return EmbeddingIndex.build(self.positive, np.arange(len(self.labels)), factory="Flat")
 
     @classmethod
     def from_model(cls, model: Any, labels: Sequence[str] | None = None, prompts: PromptSet | str | Path | None = None,

@@ -157,3 +157,15 @@ def test_real_model_and_cli(tiny_model_dir, tmp_path, capsys):
                  str(tmp_path / "reports"), "-k", "3", "--json"]) == 0
     knn = json.loads(capsys.readouterr().out)[0]["probabilities"]
     assert set(knn) == {"Pleural Effusion", "Pneumothorax"} and all(0 < p < 1 for p in knn.values())
+
+
+def test_scoring_builds_no_faiss_index():
+    """faiss is an extra: prompt scoring (and so training-time validation) must not need it; the label index is built
+    only when ``top_labels`` asks for it."""
+    eye = np.eye(4, dtype=np.float32)
+    clf = ZeroShotClassifier(["a", "b"], positive=eye[:2], negative=eye[2:], logit_scale=5.0)
+    probs = clf.predict_proba(np.array([[1.0, 0, 0, 0]], np.float32))
+    assert probs[0, 0] > 0.9 and probs[0, 1] == 0.5
+    assert "label_index" not in vars(clf)
+    assert clf.top_labels(np.array([[1.0, 0, 0, 0]], np.float32), k=1)[0][0][0] == "a"
+    assert "label_index" in vars(clf)

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from rvl.fileio import replace_dir, write_text_atomic
+
 __all__ = ["PrepareError", "prepare", "read_cache_frame", "load_cache", "add_arguments", "run", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -184,7 +186,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
         manifest, pd.DataFrame) else "<DataFrame>", format=format, cache_version=CACHE_VERSION,
         shards_reused=len(shard_fps) - len(todo), shards_built=len(todo), workers=n_workers,
         seconds=round(time.perf_counter() - start, 2), up_to_date=False)
-    _atomic_write_text(info_path, json.dumps(info, indent=2))
+    write_text_atomic(info_path, json.dumps(info, indent=2))
     if not keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
     else:  # drop shards of earlier manifests / sizes that this run no longer uses
@@ -234,7 +236,7 @@ def _write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tup
     tmp = shard_dir / f".{fingerprint}.arrow.tmp-{os.getpid()}"
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=64)
-    _atomic_write_text(shard_dir / f"{fingerprint}.skipped.json",
+    write_text_atomic(shard_dir / f"{fingerprint}.skipped.json",
                        json.dumps({"skipped": skipped, "dropped_studies": n_dropped}))
     os.replace(tmp, shard_dir / f"{fingerprint}.arrow")  # last: the .arrow file marks the shard as complete
 
@@ -276,26 +278,17 @@ def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str]) ->
     os.replace(tmp_csv, out_dir / "skipped.csv")
 
     final = out_dir / "dataset"
-    tmp, old = out_dir / f".dataset.tmp-{os.getpid()}", out_dir / f".dataset.old-{os.getpid()}"
+    tmp = out_dir / f".dataset.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp))
     del data, parts  # release the memory maps of the shards before they are deleted
-    if final.exists():
-        os.replace(final, old)  # a directory cannot be replaced in one rename: swap, then delete the old one
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     n_images = 0
     loaded = datasets.load_from_disk(str(final))
     for batch in loaded.select_columns(["view_positions"]).iter(batch_size=4096):
         n_images += sum(len(v) for v in batch["view_positions"])
     return {"n_studies": len(loaded), "n_images": n_images, "n_skipped_images": len(skipped),
             "n_dropped_studies": dropped}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- reading back

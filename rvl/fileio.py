@@ -1,0 +1,38 @@
+"""Crash-safe writes shared by the cache, checkpoints, model export, evaluation and the demo.
+
+A file is written next to its target and renamed over it (``os.replace`` is atomic on one file system); a folder is
+built complete under a temporary name and swapped in, so a kill at any moment leaves either the old or the new
+version, never a half-written one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["replace_dir", "write_text_atomic"]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file in the same folder and one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the finished folder ``tmp`` to ``final``.
+
+    A folder cannot replace an existing one in a single rename, so an existing ``final`` is first renamed aside (a
+    hidden ``.NAME.old-*`` sibling) and deleted after the swap.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
