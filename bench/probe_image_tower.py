@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from rvl.constants import CHEXPERT_LABELS
 from rvl.data import StudyDataset, collate_studies, prepare
-from rvl.loss import RVLLoss
+from rvl.model.loss import RVLLoss
 from rvl.model import create_model
 from rvl.phantoms import generate_phantoms
 

@@ -55,7 +55,7 @@ def time_steps(step, batches, warmup: int = 2) -> float:
 def cpu_bench(name: str, size: int, batch_size: int, steps: int, work: Path) -> dict:
     from rvl.config import load_config
     from rvl.data import StudyDataset, collate_studies
-    from rvl.factory import create_model
+    from rvl.model.factory import create_model
     from rvl.phantoms import generate_phantoms
     from rvl.train import train
 
@@ -89,8 +89,8 @@ def gpu_bench(batch_size: int, steps: int) -> list[dict]:
     import open_clip
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rvl.factory import create_model
-    from rvl.loss import RVLLoss
+    from rvl.model.factory import create_model
+    from rvl.model.loss import RVLLoss
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()

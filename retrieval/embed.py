@@ -15,7 +15,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# files of an rvl model folder that define its embeddings (see rvl.factory.save_pretrained)
+# files of an rvl model folder that define its embeddings (see rvl.model.factory.save_pretrained)
 _MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "rvl_config.json", "rvl/rvl_heads.safetensors",
                 "config.json", "tokenizer.json")
 

@@ -74,8 +74,8 @@ def train(cfg: Config) -> int:
     from transformers import get_cosine_schedule_with_warmup
 
     from rvl.data import StudyDataset
-    from rvl.factory import create_model, from_pretrained, train_wordpiece
-    from rvl.loss import RVLLoss
+    from rvl.model.factory import create_model, from_pretrained, train_wordpiece
+    from rvl.model.loss import RVLLoss
     from rvl.model import report_text_for_model
     from rvl.text_sampling import ReportSentenceSampler
 
@@ -109,7 +109,7 @@ def train(cfg: Config) -> int:
             tmp = out_dir / ".tmp-tokenizer"
             shutil.rmtree(tmp, ignore_errors=True)
             texts = [report_text_for_model(r) for r in train_set.frame["report"].astype(str)]
-            from rvl.factory import get_model_config
+            from rvl.model.factory import get_model_config
 
             model_cfg = get_model_config(cfg.model.name)
             spec = model_cfg["rvl_cfg"].get("text_tower") or {}

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from rvl.demo import STAGES, main
+from rvl.demo.cli import STAGES, main
 
 pytestmark = pytest.mark.timeout(600)
 ARGS = ["--studies", "600", "--minutes", "1", "--device", "cpu", "--max-steps", "120"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rvl.constants import CHEXPERT_LABELS
-from rvl.loss import RVLLoss, label_match_targets
+from rvl.model.loss import RVLLoss, label_match_targets
 
 BATCH, VIEWS = 8, 2
 
@@ -197,7 +197,7 @@ if __name__ == "__main__":
 
 
 def test_sentence_texts_match_every_study_that_agrees_with_what_they_state():
-    from rvl.loss import label_compatibility
+    from rvl.model.loss import label_compatibility
 
     nan = float("nan")
     # columns: [cardiomegaly, effusion, pneumothorax]

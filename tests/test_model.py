@@ -137,7 +137,7 @@ def test_save_pretrained_roundtrip_and_open_clip_local_dir(models, tmp_path):
 
 
 def test_packaged_configs():
-    from rvl.factory import get_model_config, list_models
+    from rvl.model.factory import get_model_config, list_models
 
     assert {"rvl-tiny", "rvl-small", "rvl-base"} <= set(list_models())
     base = get_model_config("rvl-base")
@@ -153,7 +153,7 @@ def test_text_tower_initialised_from_local_hf_dir(tmp_path):
     """A pretrained HF text tower from a local folder (offline): its weights are loaded, not re-initialised."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from rvl.factory import train_wordpiece
+    from rvl.model.factory import train_wordpiece
 
     train_wordpiece(["no pleural effusion", "mild cardiomegaly"], 200, tmp_path, 32)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))

@@ -154,7 +154,7 @@ def test_packaged_training_configs_parse():
 def test_nan_losses_stop_with_last_good_checkpoint(phantoms, tmp_path, monkeypatch):
     """Steps 1-3 fine (checkpoint at 3), then every loss is NaN: skipped with warnings, then a clear stop."""
     from rvl.config import load_config
-    from rvl.loss import RVLLoss
+    from rvl.model.loss import RVLLoss
     from rvl.train import train
 
     calls = {"n": 0}

@@ -37,6 +37,8 @@ import numpy as np
 
 from rvl.fileio import replace_dir, write_text_atomic
 
+from rvl.data.cache_files import load_cache, read_cache_frame  # noqa: F401  (re-exported: the cache's reading side)
+
 __all__ = ["PrepareError", "prepare", "read_cache_frame", "load_cache", "add_arguments", "run", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -289,28 +291,6 @@ def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str]) ->
         n_images += sum(len(v) for v in batch["view_positions"])
     return {"n_studies": len(loaded), "n_images": n_images, "n_skipped_images": len(skipped),
             "n_dropped_studies": dropped}
-
-
-# ---------------------------------------------------------------------------------------------------- reading back
-def load_cache(cache_dir: str | os.PathLike):
-    """(datasets.Dataset, prepare.json dict) of a prepared cache folder."""
-    import datasets
-
-    cache_dir = Path(cache_dir)
-    info_path = cache_dir / "prepare.json"
-    if not info_path.exists() or not (cache_dir / "dataset").exists():
-        raise FileNotFoundError(f"{cache_dir}: not a prepared cache (no prepare.json/dataset; run `rvl prepare`)")
-    return datasets.load_from_disk(str(cache_dir / "dataset")), json.loads(info_path.read_text())
-
-
-def read_cache_frame(cache_dir: str | os.PathLike):
-    """The study rows of a prepared cache as a manifest DataFrame (without pixels)."""
-    data, _ = load_cache(cache_dir)
-    table = data.data.table.drop_columns(["pixels"])
-    frame = table.to_pandas()
-    for col in ("image_paths", "view_positions"):
-        frame[col] = [list(v) for v in frame[col]]
-    return frame
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI

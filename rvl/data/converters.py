@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from rvl.constants import CHEXPERT_LABELS, normalize_view
-from rvl.data.manifest import (_SPLIT_ALIASES, MIMIC_METADATA, ManifestError, _labels_from, compose_report,
-                               finalize_manifest)
+from rvl.data.schema import (MIMIC_METADATA, SPLIT_ALIASES, ManifestError, compose_report, finalize_manifest,
+                             labels_from)
 
 __all__ = ["read_mimic_cxr_jpg", "read_iu_xray", "read_chexpert_csv"]
 
@@ -63,7 +63,7 @@ def read_mimic_cxr_jpg(root: str | os.PathLike, reports_dir: str | os.PathLike |
                "view_positions": [normalize_view(v) for v in group.get("ViewPosition", [None] * len(group))],
                "report": report}
         if labels_by_study is not None and str(study_id) in labels_by_study.index:
-            row.update(_labels_from(labels_by_study.loc[str(study_id)]))
+            row.update(labels_from(labels_by_study.loc[str(study_id)]))
         rows.append(row)
     frame = pd.DataFrame(rows)
     return finalize_manifest(frame, base_dir=root, origin=str(metadata))
@@ -154,7 +154,7 @@ def read_chexpert_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike
         parts = Path(study_dir).parts
         patient = next((p for p in reversed(parts) if p.startswith("patient")), parts[-2] if len(parts) > 1 else
                        study_dir)
-        split = next((_SPLIT_ALIASES[p] for p in parts if p in _SPLIT_ALIASES), None)
+        split = next((SPLIT_ALIASES[p] for p in parts if p in SPLIT_ALIASES), None)
         views = []
         for _, r in group.iterrows():
             lateral = str(r.get("Frontal/Lateral", "")).strip().lower().startswith("lat")

@@ -73,7 +73,7 @@ class StudyDataset(torch.utils.data.Dataset):
         self.seed, self.strict, self.epoch, self.skipped = seed, strict, 0, 0
         self.is_cache = (self.source / "prepare.json").exists()
         if self.is_cache:
-            from rvl.data.cache import load_cache, read_cache_frame
+            from rvl.data.cache_files import load_cache, read_cache_frame
 
             _, info = load_cache(self.source)
             self.size = int(info["size"])

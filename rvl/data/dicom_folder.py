@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from rvl.constants import CHEXPERT_LABELS, normalize_view
-from rvl.data.manifest import ManifestError, finalize_manifest
+from rvl.data.schema import ManifestError, finalize_manifest
 
 __all__ = ["read_dicom_folder"]
 

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rvl.constants import CHEXPERT_LABELS
-from rvl.heads import AttentionPool, CaptionDecoder, masked_mean
+from rvl.model.heads import AttentionPool, CaptionDecoder, masked_mean
 
-__all__ = ["RVLModel", "create_model", "from_pretrained", "report_text_for_model"]
+__all__ = ["RVLModel", "report_text_for_model"]
 
 
 def report_text_for_model(report: str) -> str:
@@ -31,20 +31,6 @@ def report_text_for_model(report: str) -> str:
     parts = [sections.get(name, "").strip() for name in ("findings", "impression")]
     parts = [p for p in parts if p]
     return " ".join(" ".join(parts).split()) if parts else " ".join(str(report).split())
-
-
-def create_model(name: str = "rvl-tiny", pretrained: str | None = None, **overrides: Any) -> "RVLModel":
-    """See :func:`rvl.factory.create_model`."""
-    from rvl.factory import create_model as _create
-
-    return _create(name, pretrained=pretrained, **overrides)
-
-
-def from_pretrained(path: str | Path) -> "RVLModel":
-    """See :func:`rvl.factory.from_pretrained`."""
-    from rvl.factory import from_pretrained as _load
-
-    return _load(path)
 
 
 def _is_timm_avg_linear(vision_cfg: dict) -> bool:
@@ -220,7 +206,7 @@ class RVLModel(nn.Module):
         return out
 
     def save_pretrained(self, save_dir: str | Path) -> Path:
-        """Export an open_clip-loadable folder + rvl sidecar (see :func:`rvl.factory.save_pretrained`)."""
-        from rvl.factory import save_pretrained
+        """Export an open_clip-loadable folder + rvl sidecar (see :func:`rvl.model.export.save_pretrained`)."""
+        from rvl.model.export import save_pretrained
 
         return save_pretrained(self, save_dir)

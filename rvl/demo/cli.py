@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rvl.fileio import write_text_atomic
+from rvl.fileio import write_json_atomic
 
 DEFAULT_STUDIES = 2000
 DEFAULT_MINUTES = 9.0
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print("rvl demo: --device cuda asked for but no CUDA device is available", file=sys.stderr)
             return 2
-    from rvl.demo_report import summary_table
+    from rvl.demo.report import summary_table
 
     metrics = run_demo(Path(args.output), studies=args.studies, minutes=args.minutes, device=args.device,
                        seed=args.seed, max_steps=args.max_steps, force=args.force)
@@ -79,22 +79,6 @@ def settings_hash(payload: Any) -> str:
 def _fmt_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class StageRunner:
@@ -134,7 +118,7 @@ class StageRunner:
         t0 = time.time()
         result = fn()
         self.seconds[name] = round(time.time() - t0, 1)
-        atomic_write_json(marker, {"hash": digest, "settings": settings, "seconds": self.seconds[name],
+        write_json_atomic(marker, {"hash": digest, "settings": settings, "seconds": self.seconds[name],
                                    "result": result})
         print(f"{number} {name} done in {self.seconds[name]:.0f} s", flush=True)
         return result
@@ -144,8 +128,8 @@ class StageRunner:
 def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float = DEFAULT_MINUTES, device: str = "auto",
              seed: int = 0, max_steps: int | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo in ``output`` and return the metrics written to ``output/metrics.json``."""
-    from rvl import demo_eval as ev
-    from rvl import demo_stages as st
+    from rvl.demo import evaluation as ev
+    from rvl.demo import stages as st
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Model factory: packaged configs, tokenizer building, ``create_model`` / ``from_pretrained`` / ``save_pretrained``.
+"""Model factory: packaged configs, tokenizer building, ``create_model`` / ``from_pretrained``.
 
 A model config is open_clip's schema (``embed_dim``, ``vision_cfg``, ``text_cfg``) plus an ``rvl_cfg`` block (fusion,
 view types, caption decoder, text tower fallback, preprocessing). The two towers are always built by open_clip: we
@@ -20,15 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from rvl.fileio import replace_dir
+from rvl.model.core import RVLModel
+from rvl.model.export import (OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME, RVL_CONFIG_NAME, RVL_WEIGHTS_NAME,
+                              RVL_WEIGHTS_SUBDIR)
 
 _LOGGER = logging.getLogger(__name__)
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-RVL_CONFIG_NAME = "rvl_config.json"
-RVL_WEIGHTS_SUBDIR = "rvl"  # extra weights live here so open_clip's _find_checkpoint_in_dir never picks them
-RVL_WEIGHTS_NAME = "rvl_heads.safetensors"
-OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
+MODEL_CONFIG_DIR = Path(__file__).parent / "configs"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 DEFAULT_RVL_CFG: dict[str, Any] = {
@@ -202,8 +199,6 @@ def create_model(name: str = "rvl-tiny", pretrained: str | None = None, tokenize
         **overrides: ``embed_dim``, ``vision_cfg`` / ``text_cfg`` / ``rvl_cfg`` (dicts merged into the config) or any
             ``rvl_cfg`` key directly (e.g. ``fusion="mean"``).
     """
-    from rvl.model import RVLModel
-
     if name.startswith("local-dir:") or Path(name).is_dir():
         return from_pretrained(name.removeprefix("local-dir:"))
     cfg = get_model_config(name)
@@ -231,42 +226,9 @@ def create_model(name: str = "rvl-tiny", pretrained: str | None = None, tokenize
     return model
 
 
-def save_pretrained(model, save_dir: str | Path) -> Path:
-    """Write an open_clip-loadable folder plus the rvl sidecar, atomically (tmp dir in the same parent, then rename).
-
-    Layout: ``open_clip_config.json``, ``open_clip_model.safetensors``, tokenizer files, the HF text tower's
-    ``config.json`` (so the folder loads without the original text-tower path), ``rvl_config.json`` and
-    ``rvl/rvl_heads.safetensors`` (fusion, view-type embedding, caption decoder).
-    """
-    import safetensors.torch
-    from open_clip.push_to_hf_hub import save_for_hf
-
-    save_dir = Path(save_dir).resolve()
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
-    model_cfg = copy.deepcopy(model.model_cfg)
-    text_cfg = model_cfg.get("text_cfg", {})
-    if text_cfg.get("hf_model_name"):
-        model.clip.text.config.save_pretrained(tmp)
-        # the final location, not tmp: open_clip reads hf_model_name with AutoConfig when it loads the folder
-        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(save_dir)
-    tokenizer = model.tokenizer
-    if not hasattr(tokenizer, "save_pretrained"):  # open_clip's SimpleTokenizer: its BPE vocab ships with open_clip
-        tokenizer = type("_NoSave", (), {"save_pretrained": staticmethod(lambda dest: None)})()
-    save_for_hf(model.clip, tokenizer, model_cfg, tmp, safe_serialization=True)
-    (tmp / RVL_CONFIG_NAME).write_text(json.dumps({"rvl_cfg": model.rvl_cfg, "format_version": 1}, indent=2))
-    (tmp / RVL_WEIGHTS_SUBDIR).mkdir()
-    heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
-    safetensors.torch.save_file(heads, str(tmp / RVL_WEIGHTS_SUBDIR / RVL_WEIGHTS_NAME))
-    replace_dir(tmp, save_dir)
-    return save_dir
-
-
 def from_pretrained(path: str | Path):
     """Load an :class:`rvl.model.RVLModel` saved by :func:`save_pretrained` (safetensors only)."""
     import safetensors.torch
-
-    from rvl.model import RVLModel
 
     path = Path(str(path).removeprefix("local-dir:")).resolve()
     if not (path / OPEN_CLIP_CONFIG_NAME).is_file():

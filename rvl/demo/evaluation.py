@@ -135,7 +135,7 @@ def assemble_metrics(phantoms, labels, prepared, trained, indexes, evaluation, s
 def retrieval_example(indexes: dict[str, Any], evaluation: dict[str, Any], k: int = 4):
     """A held-out query study with its most similar studies from other patients, read from the study index."""
     from rvl.data import read_image
-    from rvl.demo_report import RetrievalExample
+    from rvl.demo.report import RetrievalExample
     from rvl.retrieval import EmbeddingIndex
 
     index = EmbeddingIndex.load(indexes["study_index"])
@@ -190,8 +190,8 @@ def lateral_curves(output: Path, evaluation: dict[str, Any]) -> dict[str, dict[s
 
 
 def stage_report(output: Path, metrics: dict[str, Any], evaluation: dict[str, Any], indexes: dict[str, Any]) -> None:
-    from rvl.demo import atomic_write_json
-    from rvl.demo_report import check_targets, roc_figure, write_html_report
+    from rvl.fileio import write_json_atomic
+    from rvl.demo.report import check_targets, roc_figure, write_html_report
 
     figures: dict[str, Any] = {}
     for key in ("multiview", "frontal"):
@@ -212,5 +212,5 @@ def stage_report(output: Path, metrics: dict[str, Any], evaluation: dict[str, An
         example = None
     metrics["targets"] = {row["key"]: {"value": row["value"], "goal": f"{row['op']} {row['threshold']}",
                                        "met": row["met"]} for row in check_targets(metrics)}
-    atomic_write_json(output / "metrics.json", metrics)
+    write_json_atomic(output / "metrics.json", metrics)
     write_html_report(output / "report.html", metrics, figures, example)

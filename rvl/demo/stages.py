@@ -17,7 +17,7 @@ import numpy as np
 
 from rvl.constants import FRONTAL_VIEWS
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 # Demo-level settings; the training recipe itself is the data file rvl/configs/demo.yaml. Tuned on the model side
 # only: the phantoms are never changed to make the model look good.
 DEMO_SETTINGS: dict[str, Any] = {
@@ -47,7 +47,7 @@ def load_recipe(device: str, config: Path = CONFIG_DIR / "demo.yaml") -> dict[st
     recipe["train_config"] = train_cfg
     recipe["model"] = train_cfg["model"]["name"]
     recipe["batch_size"] = int(train_cfg["optim"]["batch_size"])
-    from rvl.factory import get_model_config
+    from rvl.model.factory import get_model_config
 
     size = get_model_config(recipe["model"])["vision_cfg"]["image_size"]
     recipe["image_size"] = int(size[0] if isinstance(size, (list, tuple)) else size)

@@ -1,0 +1,53 @@
+"""Export an rvl model as a folder that plain open_clip loads (``local-dir:``), plus the rvl sidecar.
+
+Only the writing side lives here; :func:`rvl.model.factory.from_pretrained` reads the folder back. This module does
+not import the model class, so the model can call it without an import circle.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+from rvl.fileio import replace_dir
+
+__all__ = ["save_pretrained", "OPEN_CLIP_CONFIG_NAME", "OPEN_CLIP_WEIGHTS_NAME", "RVL_CONFIG_NAME",
+           "RVL_WEIGHTS_SUBDIR", "RVL_WEIGHTS_NAME"]
+
+RVL_CONFIG_NAME = "rvl_config.json"
+RVL_WEIGHTS_SUBDIR = "rvl"  # extra weights live here so open_clip's _find_checkpoint_in_dir never picks them
+RVL_WEIGHTS_NAME = "rvl_heads.safetensors"
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+def save_pretrained(model, save_dir: str | Path) -> Path:
+    """Write an open_clip-loadable folder plus the rvl sidecar, atomically (tmp dir in the same parent, then rename).
+
+    Layout: ``open_clip_config.json``, ``open_clip_model.safetensors``, tokenizer files, the HF text tower's
+    ``config.json`` (so the folder loads without the original text-tower path), ``rvl_config.json`` and
+    ``rvl/rvl_heads.safetensors`` (fusion, view-type embedding, caption decoder).
+    """
+    import safetensors.torch
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    save_dir = Path(save_dir).resolve()
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+    model_cfg = copy.deepcopy(model.model_cfg)
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):
+        model.clip.text.config.save_pretrained(tmp)
+        # the final location, not tmp: open_clip reads hf_model_name with AutoConfig when it loads the folder
+        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(save_dir)
+    tokenizer = model.tokenizer
+    if not hasattr(tokenizer, "save_pretrained"):  # open_clip's SimpleTokenizer: its BPE vocab ships with open_clip
+        tokenizer = type("_NoSave", (), {"save_pretrained": staticmethod(lambda dest: None)})()
+    save_for_hf(model.clip, tokenizer, model_cfg, tmp, safe_serialization=True)
+    (tmp / RVL_CONFIG_NAME).write_text(json.dumps({"rvl_cfg": model.rvl_cfg, "format_version": 1}, indent=2))
+    (tmp / RVL_WEIGHTS_SUBDIR).mkdir()
+    heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    safetensors.torch.save_file(heads, str(tmp / RVL_WEIGHTS_SUBDIR / RVL_WEIGHTS_NAME))
+    replace_dir(tmp, save_dir)
+    return save_dir
