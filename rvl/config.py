@@ -29,7 +29,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "rvl-tiny"              # packaged config, JSON path or open_clip name
-    pretrained: str | None = None       # exported rvl folder / open_clip checkpoint to start from
+    init: str | None = None             # towers' weights: rvl export, local-dir:/hf-hub: open_clip model, tag, file
+    pretrained: str | None = None       # older name of init (an exported rvl folder)
+    text_tower: str | None = None       # HF model id or folder replacing the text tower (pretrained weights)
+    image_tower: str | None = None      # timm:NAME replacing the image tower (timm's pretrained weights)
+    lock_image: bool = False            # freeze the image tower (open_clip lock_image_tower)
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False             # freeze the text tower (open_clip lock_text_tower); its projection trains
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
     fusion: str | None = None           # override rvl_cfg.fusion: attention | mean
     grad_checkpointing: bool = False
     compile: bool = False               # torch.compile the model
@@ -45,7 +54,8 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: float = 5e-4                    # new parts (and every parameter when nothing is pretrained)
+    pretrained_lr: float | None = None  # parameters loaded from pretrained weights (None: same as lr)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.98
@@ -68,6 +78,8 @@ class TrainConfig:
     log_every: int = 10
     log_with: str = "tensorboard"       # tensorboard | wandb | all | none
     max_bad_steps: int = 5              # consecutive non-finite losses before stopping
+    collapse_ratio: float = 0.1         # collapse: 1 - mean pairwise cosine fell below this share of its start value
+    stop_on_collapse: bool = True       # stop (keeping the last checkpoint) instead of only warning
     resume: bool = False
     cpu: bool = False                   # force CPU (also for multi-process gloo runs)
 
@@ -89,7 +101,7 @@ class Config:
                 for s, d in self.to_dict().items() for k, v in d.items()}
 
 
-ALIASES = {"data.source": ["--data"], "model.name": ["--model"]}
+ALIASES = {"data.source": ["--data"], "model.name": ["--model"], "model.lock_text_unlocked_layers": ["--unlocked-layers"]}
 
 
 def _sections() -> dict[str, type]:

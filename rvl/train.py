@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from rvl.config import Config, add_config_arguments, config_from_args, save_config
-from rvl.train_support import (CHECKPOINT_PREFIX, Collate, EpochSampler, SeededStudies, TrainState, evaluate,
-                               list_checkpoints, save_checkpoint)
+from rvl.train_support import (CHECKPOINT_PREFIX, Collate, EpochSampler, SeededStudies, TrainState, collapse_message,
+                               evaluate, list_checkpoints, save_checkpoint)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,18 +50,49 @@ def model_overrides(cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def build_optimizer(model, cfg: Config):
-    """AdamW; no weight decay on 1-d params, biases, norms, embeddings' positions and the temperature (open_clip)."""
+def build_optimizer(model, cfg: Config, pretrained: set[str] = frozenset()):
+    """AdamW; no weight decay on 1-d params, biases, norms, embeddings' positions and the temperature (open_clip).
+
+    Parameters loaded from pretrained weights (``pretrained`` names) train at ``optim.pretrained_lr``: at the new parts'
+    lr a pretrained text tower collapses to one embedding for every text, and one low lr for all starves the new parts.
+    """
     import torch
 
-    decay, no_decay = [], []
+    lrs = {False: cfg.optim.lr, True: cfg.optim.pretrained_lr if cfg.optim.pretrained_lr is not None else cfg.optim.lr}
+    buckets: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        buckets.setdefault((name in pretrained, skip), []).append(param)
+    groups = [{"params": params, "lr": lrs[loaded], "weight_decay": 0.0 if skip else cfg.optim.weight_decay}
+              for (loaded, skip), params in sorted(buckets.items())]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def build_model(cfg: Config, tok_dir: Path, train_reports=None, is_main: bool = True, wait=lambda: None):
+    """The model ``cfg.model`` describes, and its :class:`rvl.model.sources.LoadReport`.
+
+    A locally built BERT text tower gets a WordPiece vocabulary trained once on the training reports (``tok_dir``,
+    reused on resume); a pretrained text tower brings its own tokenizer.
+    """
+    from rvl.model import report_text_for_model
+    from rvl.model.factory import get_model_config, train_wordpiece
+    from rvl.model.sources import build_from_init
+
+    init = cfg.model.init or cfg.model.pretrained
+    local_text = not init and not cfg.model.text_tower
+    spec = get_model_config(cfg.model.name)["rvl_cfg"].get("text_tower") if local_text else None
+    if spec and is_main and not tok_dir.exists():
+        tmp = tok_dir.parent / ".tmp-tokenizer"
+        shutil.rmtree(tmp, ignore_errors=True)
+        texts = [report_text_for_model(r) for r in train_reports]
+        context = get_model_config(cfg.model.name)["text_cfg"].get("context_length", 128)
+        train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, context)
+        os.replace(tmp, tok_dir)
+    wait()
+    return build_from_init(cfg.model.name, init, text_tower=cfg.model.text_tower, image_tower=cfg.model.image_tower,
+                           rvl_overrides=model_overrides(cfg), text_dir=tok_dir if spec else None)
 
 
 def train(cfg: Config) -> int:
@@ -74,9 +105,8 @@ def train(cfg: Config) -> int:
     from transformers import get_cosine_schedule_with_warmup
 
     from rvl.data import StudyDataset
-    from rvl.model.factory import create_model, from_pretrained, train_wordpiece
     from rvl.model.loss import RVLLoss
-    from rvl.model import report_text_for_model
+    from rvl.model.sources import TowerMismatchError, lock_towers
     from rvl.text_sampling import ReportSentenceSampler
 
     out_dir = Path(cfg.train.output_dir)
@@ -100,24 +130,17 @@ def train(cfg: Config) -> int:
     # ---- data
     train_set = StudyDataset(cfg.data.source, split=cfg.data.train_split, max_views=cfg.data.max_views, train=True,
                              seed=cfg.train.seed, strict=cfg.data.strict)
-    # ---- model (the WordPiece vocabulary is trained once on the training reports and reused on resume)
-    tok_dir = out_dir / "tokenizer"
-    if cfg.model.pretrained:
-        model = from_pretrained(cfg.model.pretrained)
-    else:
-        if accelerator.is_main_process and not tok_dir.exists():
-            tmp = out_dir / ".tmp-tokenizer"
-            shutil.rmtree(tmp, ignore_errors=True)
-            texts = [report_text_for_model(r) for r in train_set.frame["report"].astype(str)]
-            from rvl.model.factory import get_model_config
-
-            model_cfg = get_model_config(cfg.model.name)
-            spec = model_cfg["rvl_cfg"].get("text_tower") or {}
-            context = model_cfg["text_cfg"].get("context_length", 128)
-            train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, context)
-            os.replace(tmp, tok_dir)
-        accelerator.wait_for_everyone()
-        model = create_model(cfg.model.name, text_dir=tok_dir, **model_overrides(cfg))
+    # ---- model: towers from --init / --text-tower / --image-tower, rvl's own parts fresh
+    try:
+        model, load_report = build_model(cfg, out_dir / "tokenizer", train_set.frame["report"].astype(str),
+                                         accelerator.is_main_process, accelerator.wait_for_everyone)
+    except (ValueError, FileNotFoundError, TowerMismatchError) as err:  # a bad --init / tower source
+        print(f"rvl pretrain: {err}", file=sys.stderr)
+        return 2
+    logger.info("model initialisation:\n" + load_report.table())
+    lock_towers(model, cfg.model.lock_image, cfg.model.lock_image_unlocked_groups,
+                cfg.model.lock_image_freeze_bn_stats, cfg.model.lock_text, cfg.model.lock_text_unlocked_layers,
+                cfg.model.lock_text_freeze_layer_norm)
     train_set.image_transform = model.preprocess_train
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -141,7 +164,7 @@ def train(cfg: Config) -> int:
     except (ValueError, KeyError) as err:
         logger.warning(f"no validation split {cfg.data.val_split!r}: {err}")
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, load_report.pretrained)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_steps * world, cfg.optim.max_steps * world)
     if cfg.model.compile:
         model.compile()
@@ -164,6 +187,10 @@ def train(cfg: Config) -> int:
             logger.info(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
     if log_with:
         accelerator.init_trackers("rvl-pretrain", config=cfg.flat())
+    if load_report.pretrained and val_dl is not None and state.step == 0:  # the collapse check's reference point
+        metrics = evaluate(accelerator, model, val_dl)
+        state.start_spread = {k: v for k, v in metrics.items() if k.endswith("_mean_cosine")}
+        logger.info("before training: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/" not in k))
 
     # ---- loop
     batches_per_epoch = len(train_dl)
@@ -229,6 +256,13 @@ def train(cfg: Config) -> int:
                 accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
                 logger.info(f"step {state.step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
                                                                  if "/" not in k))
+                collapsed = collapse_message(metrics, state.start_spread, cfg.train.collapse_ratio)
+                if collapsed:
+                    logger.warning(f"step {state.step}: {collapsed}")
+                    if cfg.train.stop_on_collapse:
+                        found = list_checkpoints(ckpt_dir)
+                        raise SystemExit(f"rvl pretrain: {collapsed}; stopping (--no-stop-on-collapse to go on). "
+                                         f"Last checkpoint: {found[-1] if found else 'none'}")
                 score = metrics.get("zeroshot_macro_auc", metrics.get("study_to_report_R@1", -math.inf))
                 if score > state.best_metric:
                     state.best_metric = score
@@ -247,13 +281,14 @@ def train(cfg: Config) -> int:
     full_state = accelerator.get_state_dict(model) if sharded else None  # collective: every rank takes part
     if accelerator.is_main_process:
         if sharded:  # rebuild an unsharded copy to export
-            net = from_pretrained(cfg.model.pretrained) if cfg.model.pretrained else create_model(
-                cfg.model.name, text_dir=tok_dir, **model_overrides(cfg))
+            net, _ = build_model(cfg, out_dir / "tokenizer")
             net.load_state_dict(full_state)
         net.save_pretrained(out_dir / "model")
         seconds = max(time.perf_counter() - started, 1e-9)
         summary = {"steps": state.step, "pairs_per_s": steps_this_run * pairs_per_step / seconds,
-                   "skipped_studies": int(skipped if isinstance(skipped, int) else len(skipped))}
+                   "skipped_studies": int(skipped if isinstance(skipped, int) else len(skipped)),
+                   "init": [{"part": p, "source": src, "parameters": n} for p, src, n in load_report.rows],
+                   "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad)}
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(f"exported {out_dir / 'model'}; {summary}")
     accelerator.wait_for_everyone()

@@ -97,13 +97,16 @@ class TrainState:
 
     def __init__(self):
         self.step, self.micro_step, self.best_metric = 0, 0, -math.inf
+        self.start_spread: dict[str, float] = {}  # embedding spread before the first step (collapse reference)
 
     def state_dict(self) -> dict[str, float]:
-        return {"step": self.step, "micro_step": self.micro_step, "best_metric": self.best_metric}
+        return {"step": self.step, "micro_step": self.micro_step, "best_metric": self.best_metric,
+                **{f"start_{k}": v for k, v in self.start_spread.items()}}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
         self.best_metric = float(state["best_metric"])
+        self.start_spread = {k[len("start_"):]: float(v) for k, v in state.items() if k.startswith("start_")}
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -192,6 +195,46 @@ def evaluate(accelerator, model, val_dl) -> dict[str, float]:
     if studies:
         studies_t, reports_t, labels_t = torch.cat(studies), torch.cat(reports), torch.cat(labels)
         metrics.update(retrieval_recall(studies_t, reports_t, torch.cat(tokens), ks=(1, 5, 10)))
+        metrics.update(embedding_spread(studies_t, reports_t, torch.cat(tokens)))
         metrics.update(zero_shot_auc(net, studies_t, labels_t))
     net.train(was_training)
     return metrics
+
+
+def embedding_spread(studies, reports, tokens) -> dict[str, float]:
+    """Mean pairwise cosine of the distinct validation reports' embeddings and of the studies' (1.0 = collapsed).
+
+    A tower that maps every input to one point still gives a finite loss and chance-level metrics; this catches it.
+    """
+    import torch
+
+    _, first = torch.unique(tokens, dim=0, return_inverse=True)
+    keep = torch.unique(first)  # one row per distinct report text
+    distinct = torch.stack([reports[(first == k).nonzero()[0, 0]] for k in keep]) if len(keep) else reports
+
+    def mean_cosine(x):
+        if len(x) < 2:
+            return float("nan")
+        x = torch.nn.functional.normalize(x.float(), dim=-1)
+        sims = x @ x.T
+        return float((sims.sum() - sims.diagonal().sum()) / (len(x) * (len(x) - 1)))
+
+    return {"text_mean_cosine": mean_cosine(distinct), "study_mean_cosine": mean_cosine(studies)}
+
+
+def collapse_message(metrics: dict[str, float], start: dict[str, float], ratio: float) -> str | None:
+    """A sentence naming a tower whose embeddings collapsed since the start, or None.
+
+    Collapse = the distance of the mean pairwise cosine from 1 shrank below ``ratio`` times its value before training
+    (``start``, measured only where a tower is pretrained). Absolute levels say little: a general-domain encoder
+    already finds all chest films alike, and a random tower starts with near-identical embeddings.
+    """
+    for side in ("text", "study"):
+        key = f"{side}_mean_cosine"
+        before, now = start.get(key, float("nan")), metrics.get(key, float("nan"))
+        if before == before and now == now and (1.0 - now) < ratio * (1.0 - before):
+            hint = "lower --pretrained-lr or --lock-text" if side == "text" else "lower --lr or --lock-image"
+            return (f"{side} embeddings collapsed: mean pairwise cosine of the validation "
+                    f"{'reports' if side == 'text' else 'studies'} went from {before:.4f} before training to "
+                    f"{now:.4f} ({hint})")
+    return None

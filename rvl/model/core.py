@@ -53,7 +53,8 @@ class RVLModel(nn.Module):
         dim = int(model_cfg["embed_dim"])
         self.view_types = list(rvl_cfg["view_types"])
         self.view_type_embed = nn.Embedding(len(self.view_types), dim)
-        nn.init.normal_(self.view_type_embed.weight, std=0.02)
+        # zero for a public model's start, so a single view keeps exactly its pretrained embedding
+        nn.init.normal_(self.view_type_embed.weight, std=float(rvl_cfg.get("view_embed_std", 0.02)))
         # one classifier for both modalities, built only when the label_head objective trains it (an unused parameter
         # would break DDP's gradient reduction)
         self.label_head = nn.Linear(dim, len(CHEXPERT_LABELS)) if rvl_cfg.get("label_head") else None

@@ -173,7 +173,9 @@ def build_towers(model_cfg: dict, preprocess_cfg: dict, pretrained_text: bool, w
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "no CLIP weights found" / "initialized partially" are expected here
     try:
-        clip = open_clip.create_model(f"local-dir:{work_dir}", pretrained_text=pretrained_text)
+        # open_clip sets timm_model_pretrained from pretrained_image, so ask for timm's weights where the config does
+        clip = open_clip.create_model(f"local-dir:{work_dir}", pretrained_text=pretrained_text,
+                                      pretrained_image=bool(model_cfg.get("vision_cfg", {}).get("timm_model_pretrained")))
     finally:
         quiet.setLevel(level)
     (work_dir / OPEN_CLIP_CONFIG_NAME).unlink()
