@@ -70,7 +70,7 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
         if column in meta:
             meta[column] = meta[column].map(lambda v: [str(x) for x in v])
     extra = {"kind": kind, "data": str(Path(data).absolute()), "split": split, "label_source": label_source,
-             "model_dir": str(Path(model_dir).absolute()) if model_dir else None}
+             "model_dir": _model_source(model_dir) if model_dir else None}
     fingerprint = fingerprint or model_fingerprint(model_dir if model_dir else model)
     return EmbeddingIndex.build(vectors, rows, factory=factory, metadata=meta, model_fingerprint=fingerprint,
                                 extra=extra)
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="embed studies or reports and write an index folder",
                            description="Embed studies (fused multi-view) or reports and write DIR/index.faiss, "
                            "metadata.parquet and index.json.")
-    build.add_argument("--model", required=True, help="model folder")
+    build.add_argument("--model", required=True, help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
     build.add_argument("--data", required=True, help="manifest or prepared cache")
     build.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     build.add_argument("--kind", choices=("study", "report"), default="study",
@@ -98,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "available); multi-GPU: accelerate launch")
 
 
+def _model_source(spec: str) -> str:
+    """The model as recorded in index.json: a local folder made absolute, a hub id or NAME:TAG as given."""
+    folder = Path(str(spec).removeprefix("local-dir:"))
+    return str(folder.absolute()) if folder.is_dir() else str(spec)
+
+
 def run(args: argparse.Namespace) -> int:
     from rvl.data.manifest import ManifestError
     from rvl.retrieval.embed import load_model, model_fingerprint
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, args.device or "cpu")  # Accelerate moves it to this process's device
         index = build_index_from_data(model, args.data, args.kind, args.factory, args.split, args.batch_size,
-                                      model_dir=args.model, fingerprint=model_fingerprint(args.model),
+                                      model_dir=args.model, fingerprint=model_fingerprint(args.model, model),
                                       device=args.device, label_source=args.label_source)
     except (FileNotFoundError, ManifestError, ValueError) as err:
         print(f"rvl index build: error: {err}", file=sys.stderr)

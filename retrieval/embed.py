@@ -16,16 +16,22 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # files of an rvl model folder that define its embeddings (see rvl.model.factory.save_pretrained)
-_MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "rvl_config.json", "rvl/rvl_heads.safetensors",
-                "config.json", "tokenizer.json")
+_MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "rvl_config.json",
+                "rvl/rvl_heads.safetensors", "config.json", "tokenizer.json")
 
 
-def model_fingerprint(model_or_dir: Any) -> str:
+def model_fingerprint(model_or_dir: Any, model: Any = None) -> str:
     """A short, stable identifier of a model's weights: sha256 of its folder's weight/config files, or of an
-    in-memory model's state dict (tensor names, shapes and bytes)."""
+    in-memory model's state dict (tensor names, shapes and bytes).
+
+    A source that is not a folder (``hf-hub:ORG/NAME``, ``NAME:TAG``) is fingerprinted by its loaded weights: pass the
+    loaded ``model`` to avoid loading it again.
+    """
     digest = hashlib.sha256()
+    if isinstance(model_or_dir, (str, os.PathLike)) and not Path(str(model_or_dir).removeprefix("local-dir:")).is_dir():
+        return model_fingerprint(model if model is not None else load_model(model_or_dir, "cpu"))
     if isinstance(model_or_dir, (str, os.PathLike)):
-        folder = Path(model_or_dir)
+        folder = Path(str(model_or_dir).removeprefix("local-dir:"))
         files = [folder / name for name in _MODEL_FILES if (folder / name).is_file()]
         if not files:
             raise FileNotFoundError(f"{folder}: no model files ({', '.join(_MODEL_FILES[:2])}); not a model folder")
@@ -42,15 +48,12 @@ def model_fingerprint(model_or_dir: Any) -> str:
 
 
 def load_model(model_dir: str | os.PathLike, device: str | None = None):
-    """``rvl.model.from_pretrained`` in eval mode on ``device`` (CUDA when available unless given)."""
-    import torch
+    """A model in eval mode on ``device`` (CUDA when available unless given) from an rvl export, an unmodified
+    open_clip model (``local-dir:DIR`` or its folder, ``hf-hub:ORG/NAME``) or ``NAME:TAG`` (open_clip name + tag);
+    see :func:`rvl.model.sources.load_model_source`."""
+    from rvl.model.sources import load_model_source
 
-    from rvl.model import from_pretrained
-
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"model folder {model_dir} does not exist")
-    model = from_pretrained(model_dir).eval()
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_model_source(str(model_dir), device)
 
 
 def model_device(model: Any):

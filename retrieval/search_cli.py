@@ -46,13 +46,13 @@ def _query_vector(args: argparse.Namespace, index: Any) -> tuple[np.ndarray, lis
     model_dir = args.model or index.extra.get("model_dir")
     if not model_dir:
         raise ValueError("the index does not name its model (index.json extra.model_dir); pass --model")
-    fingerprint = model_fingerprint(model_dir)
+    model = load_model(model_dir, args.device)
+    fingerprint = model_fingerprint(model_dir, model)
     if index.model_fingerprint and fingerprint != index.model_fingerprint:
         from rvl.retrieval import IndexMismatchError
 
         raise IndexMismatchError(f"index {args.index} was built by a different model than {model_dir} "
                                  f"({index.model_fingerprint} vs {fingerprint}); rebuild it with `rvl index build`")
-    model = load_model(model_dir, args.device)
     if model.embed_dim != index.dim:
         raise ValueError(f"model {model_dir} makes {model.embed_dim}-d embeddings, the index holds {index.dim}-d")
     if args.text is not None:
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude-patient", help="leave out this patient's studies")
     parser.add_argument("--patient", help="only this patient's studies (similar prior studies)")
     parser.add_argument("--before", help="only studies dated before YYYY-MM-DD")
-    parser.add_argument("--model", default=None, help="model folder (default: the one recorded in index.json)")
+    parser.add_argument("--model", default=None, help="model (as for rvl index build; default: the one recorded in index.json)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 

@@ -207,7 +207,7 @@ def knn_zero_shot(index: Any, queries: np.ndarray, k: int = 20, labels: Sequence
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained / rvl pretrain output)")
+    parser.add_argument("--model", required=True, help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
     parser.add_argument("--images", nargs="+", required=True, help="radiographs (PNG/JPEG/DICOM)")
     parser.add_argument("--labels", default=None, help="comma-separated labels, CheXpert names or free text "
                         "(e.g. 'Pleural Effusion,left apical pneumothorax'); default: the 14 CheXpert labels")
@@ -225,11 +225,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
 
-def _load_knn_index(path: str, model_dir: str, dim: int) -> Any:
+def _load_knn_index(path: str, model_dir: str, model: Any) -> Any:
     from rvl.retrieval import EmbeddingIndex
     from rvl.retrieval.embed import model_fingerprint
 
-    return EmbeddingIndex.load(path, model_fingerprint=model_fingerprint(model_dir), dim=dim)
+    return EmbeddingIndex.load(path, model_fingerprint=model_fingerprint(model_dir, model), dim=model.embed_dim)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, args.device)
         classifier = ZeroShotClassifier.from_model(model, labels, args.prompts) if not args.knn_index else None
-        knn_index = _load_knn_index(args.knn_index, args.model, model.embed_dim) if args.knn_index else None
+        knn_index = _load_knn_index(args.knn_index, args.model, model) if args.knn_index else None
         import torch
 
         device = next(model.parameters()).device
