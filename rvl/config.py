@@ -39,6 +39,8 @@ class ModelConfig:
     lock_text: bool = False             # freeze the text tower (open_clip lock_text_tower); its projection trains
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
+    cache_text_features: bool = False   # locked HF text tower: run it once per distinct report, train the projection
+    caption_vocab: str = "full"         # full | train (the caption decoder predicts only the training reports' tokens)
     fusion: str | None = None           # override rvl_cfg.fusion: attention | mean
     grad_checkpointing: bool = False
     compile: bool = False               # torch.compile the model

@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"rvl pretrain: {err}", file=sys.stderr)
         return 2
+    if cfg.model.caption_vocab not in ("full", "train"):
+        print(f"rvl pretrain: --caption-vocab must be full or train, got {cfg.model.caption_vocab!r}", file=sys.stderr)
+        return 2
     if not cfg.data.source or not Path(cfg.data.source).exists():
         print(f"rvl pretrain: --data must be a prepared cache or manifest, got {cfg.data.source!r}", file=sys.stderr)
         return 2
@@ -141,6 +144,15 @@ def train(cfg: Config) -> int:
     lock_towers(model, cfg.model.lock_image, cfg.model.lock_image_unlocked_groups,
                 cfg.model.lock_image_freeze_bn_stats, cfg.model.lock_text, cfg.model.lock_text_unlocked_layers,
                 cfg.model.lock_text_freeze_layer_norm)
+    if cfg.model.caption_vocab == "train" and cfg.objectives.caption_weight > 0:
+        size = model.restrict_caption_vocab(list(train_set.frame["report"].astype(str)))
+        logger.info(f"caption decoder vocabulary: the {size - 1} token ids of the training reports + 1 for others")
+    if cfg.model.cache_text_features:
+        try:
+            model.enable_text_feature_cache()
+        except ValueError as err:
+            print(f"rvl pretrain: --cache-text-features: {err}", file=sys.stderr)
+            return 2
     train_set.image_transform = model.preprocess_train
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -172,7 +184,7 @@ def train(cfg: Config) -> int:
     if val_dl is not None:
         val_dl = accelerator.prepare(val_dl)
     loss_fn = RVLLoss(cfg.objectives.contrastive_weight, cfg.objectives.label_aware_weight,
-                      cfg.objectives.caption_weight, pad_id=accelerator.unwrap_model(model).pad_id, rank=rank,
+                      cfg.objectives.caption_weight, pad_id=accelerator.unwrap_model(model).caption_pad_id, rank=rank,
                       world_size=world, label_head_weight=cfg.objectives.label_head_weight)
     state = TrainState()
     accelerator.register_for_checkpointing(state)

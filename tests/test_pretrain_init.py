@@ -68,3 +68,40 @@ def test_collapse_is_measured_against_the_start():
     assert "study embeddings collapsed" in collapse_message({"study_mean_cosine": 0.999}, alike, 0.1)
     repeats = embedding_spread(torch.randn(4, 4), torch.randn(4, 4), torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4]]))
     assert -1.0 <= repeats["text_mean_cosine"] <= 1.0  # two distinct texts: one pair
+
+
+def test_locked_pretrained_text_tower_with_cached_features_and_compact_caption_vocab(phantoms, tmp_path):
+    from public_models import tiny_bert
+    from rvl.model import from_pretrained
+
+    bert = tiny_bert(tmp_path / "bert")
+    out = tmp_path / "run"
+    code = rvl_main(["pretrain", "--data", str(phantoms), "--output-dir", str(out), "--model", "rvl-tiny",
+                     "--text-tower", str(bert), "--lock-text", "--cache-text-features", "--caption-vocab", "train",
+                     "--max-steps", "3", "--batch-size", "8", "--eval-every", "3", "--log-with", "none", "--cpu"])
+    assert code == 0
+    model = from_pretrained(out / "model").eval()
+    decoder = model.caption_decoder
+    assert decoder.compact and decoder.token_embed.num_embeddings < len(model.tokenizer.tokenizer)
+    reports = ["FINDINGS: No pneumothorax. IMPRESSION: Mild cardiomegaly.", "Large right pleural effusion."]
+    tokens = model.tokenize_reports(reports)
+    with torch.no_grad():
+        plain = model.encode_text(tokens)
+        model.clip.text.lock(0)
+        model.enable_text_feature_cache()
+        cached = model.encode_text(tokens)
+        again = model.encode_text(tokens)  # served from the cache
+    assert torch.allclose(plain, cached, atol=1e-5) and torch.equal(cached, again)
+    assert len(model._text_cache) == 2
+    targets = decoder.targets(tokens)
+    assert int(targets.max()) < decoder.token_embed.num_embeddings and decoder.target_pad_id == int(
+        decoder.remap[model.pad_id])
+
+
+def test_text_feature_cache_refuses_a_trainable_text_tower(tmp_path):
+    from public_models import tiny_bert
+    from rvl.model.sources import build_from_init
+
+    model, _ = build_from_init("rvl-tiny", text_tower=str(tiny_bert(tmp_path / "bert")))
+    with pytest.raises(ValueError, match="fully locked"):
+        model.enable_text_feature_cache()

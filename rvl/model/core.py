@@ -52,6 +52,7 @@ class RVLModel(nn.Module):
         self.rvl_cfg = rvl_cfg
         dim = int(model_cfg["embed_dim"])
         self.view_types = list(rvl_cfg["view_types"])
+        self._text_cache: dict[bytes, torch.Tensor] | None = None  # see enable_text_feature_cache
         self.view_type_embed = nn.Embedding(len(self.view_types), dim)
         # zero for a public model's start, so a single view keeps exactly its pretrained embedding
         nn.init.normal_(self.view_type_embed.weight, std=float(rvl_cfg.get("view_embed_std", 0.02)))
@@ -78,7 +79,7 @@ class RVLModel(nn.Module):
         self.caption_decoder = CaptionDecoder(
             vocab_size, memory_dim, int(tokenizer.context_length), width=dec["width"], layers=dec["layers"],
             heads=dec["heads"], mlp_ratio=dec.get("mlp_ratio", 4.0), num_view_types=len(self.view_types),
-            pad_id=self.pad_id)
+            pad_id=self.pad_id, vocab_ids=dec.get("vocab_ids"))
         pp = clip.visual.preprocess_cfg
         size = clip.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -171,7 +172,38 @@ class RVLModel(nn.Module):
     # ---------------------------------------------------------------- text side
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """tokens [B, L] (from ``self.tokenizer``) -> [B, D]."""
-        return self.clip.encode_text(tokens, normalize=normalize)
+        if self._text_cache is None:
+            return self.clip.encode_text(tokens, normalize=normalize)
+        features = self.clip.text.proj(self._pooled_text(tokens))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def enable_text_feature_cache(self) -> None:
+        """Compute a locked HF text tower once per distinct text and keep its pooled output (only the projection
+        trains). A fully locked transformer gives the same pooled features every time (eval mode, no dropout), so
+        re-running it each step would only cost time: on 2 CPU cores it is most of a step with a 6-layer MiniLM."""
+        text = getattr(self.clip, "text", None)
+        if not (hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj")):
+            raise ValueError("the text feature cache needs a Hugging Face text tower (text_cfg.hf_model_name)")
+        if any(p.requires_grad for p in text.transformer.parameters()):
+            raise ValueError("the text feature cache needs a fully locked text tower (--lock-text, no unlocked layers)")
+        self._text_cache = {}
+
+    @torch.no_grad()
+    def _pooled_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        keys = [row.tobytes() for row in tokens.detach().cpu().numpy()]
+        new = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if new:
+            text = self.clip.text
+            rows = tokens[[keys.index(k) for k in new]]
+            was_training = text.training
+            text.eval()
+            try:
+                mask = (rows != text.config.pad_token_id).long()
+                pooled = text.pooler(text.transformer(input_ids=rows, attention_mask=mask), mask).float().cpu()
+            finally:
+                text.train(was_training)
+            self._text_cache.update(zip(new, pooled))
+        return torch.stack([self._text_cache[k] for k in keys]).to(tokens.device)
 
     def tokenize_reports(self, texts: list[str]) -> torch.Tensor:
         """Reports -> token ids, using only the sections the model is trained on."""
@@ -204,7 +236,29 @@ class RVLModel(nn.Module):
             out["study_label_logits"], out["text_label_logits"] = self.label_head(study), self.label_head(text_features)
         if caption:
             out["caption_logits"] = self.caption_decoder(text, tokens, valid, token_types)
+            out["caption_targets"] = self.caption_decoder.targets(text)
         return out
+
+    @property
+    def caption_pad_id(self) -> int:
+        """Padding id of the caption targets (``forward(...)["caption_targets"]``), for the caption loss."""
+        return self.caption_decoder.target_pad_id
+
+    def restrict_caption_vocab(self, texts: list[str]) -> int:
+        """Rebuild the caption decoder over the token ids that ``texts`` use (recorded in ``rvl_cfg`` so an export
+        loads with the same shapes); returns the decoder's vocabulary size."""
+        ids: set[int] = set()
+        for start in range(0, len(texts), 256):
+            ids.update(int(i) for i in torch.unique(self.tokenize_reports(texts[start:start + 256])))
+        dec = self.caption_decoder
+        self.rvl_cfg = {**self.rvl_cfg, "decoder": {**self.rvl_cfg["decoder"], "vocab_ids": sorted(ids)}}
+        cfg = self.rvl_cfg["decoder"]
+        self.caption_decoder = CaptionDecoder(
+            dec.remap.numel() if dec.compact else dec.token_embed.num_embeddings, dec.memory_proj.in_features,
+            dec.pos_embed.shape[1], width=cfg["width"], layers=cfg["layers"], heads=cfg["heads"],
+            mlp_ratio=cfg.get("mlp_ratio", 4.0), num_view_types=len(self.view_types), pad_id=self.pad_id,
+            vocab_ids=cfg["vocab_ids"]).to(self.logit_scale.device)
+        return self.caption_decoder.token_embed.num_embeddings
 
     def save_pretrained(self, save_dir: str | Path) -> Path:
         """Export an open_clip-loadable folder + rvl sidecar (see :func:`rvl.model.export.save_pretrained`)."""

@@ -42,9 +42,20 @@ class CaptionDecoder(nn.Module):
     """
 
     def __init__(self, vocab_size: int, memory_dim: int, context_length: int, width: int = 128, layers: int = 1,
-                 heads: int = 4, mlp_ratio: float = 4.0, num_view_types: int = 5, pad_id: int = 0):
+                 heads: int = 4, mlp_ratio: float = 4.0, num_view_types: int = 5, pad_id: int = 0,
+                 vocab_ids: list[int] | None = None):
         super().__init__()
         self.pad_id = pad_id
+        # A compact vocabulary: only the token ids the training reports use (plus one slot for any other id). A
+        # pretrained tokenizer's 30k-entry output layer would otherwise cost more than both towers on a CPU.
+        self.compact = vocab_ids is not None
+        if self.compact:
+            ids = sorted(set(int(i) for i in vocab_ids) | {pad_id})
+            remap = torch.full((vocab_size,), len(ids), dtype=torch.long)
+            remap[torch.tensor(ids)] = torch.arange(len(ids))
+            self.register_buffer("remap", remap, persistent=False)
+            vocab_size = len(ids) + 1
+        self.target_pad_id = int(self.remap[pad_id]) if self.compact else pad_id
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -59,7 +70,7 @@ class CaptionDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor,
                 memory_view_types: torch.Tensor) -> torch.Tensor:
         """tokens [B, L]; memory [B, M, memory_dim]; memory_valid [B, M] bool; memory_view_types [B, M] -> logits."""
-        inputs = tokens[:, :-1]
+        inputs = self.targets(tokens)[:, :-1]
         length = inputs.shape[1]
         x = self.token_embed(inputs) + self.pos_embed[:, :length]
         mem = self.memory_proj(memory) + self.view_embed(memory_view_types)
@@ -67,3 +78,7 @@ class CaptionDecoder(nn.Module):
         x = self.decoder(x, mem, tgt_mask=causal, tgt_is_causal=True,
                          memory_key_padding_mask=~memory_valid)  # no pad mask: causal queries never see later pads
         return self.head(self.norm(x))
+
+    def targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids in the decoder's own vocabulary (the compact one when set; ``target_pad_id`` marks padding)."""
+        return self.remap[tokens] if self.compact else tokens

@@ -154,7 +154,8 @@ class RVLLoss(ClipLoss):
                                                      text_is_sentence)
             total = total + self.contrastive_weight * losses["contrastive"]
         if self.caption_weight > 0 and "caption_logits" in model_out:
-            losses["caption"] = self.caption(model_out["caption_logits"], model_out["text"])
+            losses["caption"] = self.caption(model_out["caption_logits"],
+                                             model_out.get("caption_targets", model_out["text"]))
             total = total + self.caption_weight * losses["caption"]
         if self.label_head_weight > 0 and labels is not None and "study_label_logits" in model_out:
             losses["label_head"] = (self.label_bce(model_out["study_label_logits"], labels)
