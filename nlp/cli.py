@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="output .csv or .parquet (default: INPUT_STEM.labels.<ext> next to "
                         "INPUT)")
     parser.add_argument("--text-column", default=None, help="column holding the report text (default: report)")
-    parser.add_argument("--id-column", default=None, help="id column copied to the output")
+    parser.add_argument("--id-column", default=None, help="id column that must exist (it is copied to the output)")
+    parser.add_argument("--keep-columns", default="all",
+                        help="input columns copied to the output next to the labels: all (default; users join the "
+                        "labels back by their own keys), none (only the text and --id-column) or a comma list")
     parser.add_argument("--sections", default="impression,findings",
                         help="comma-separated sections to label, or 'all' for the whole report "
                         "(default: impression,findings)")
@@ -63,7 +66,20 @@ def _suffix(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- readers
-def _open_csv(path: Path, text_column: str | None, id_column: str | None, chunk_size: int):
+def _kept_columns(path: Path, available: list[str], wanted: str, id_column: str | None, keep: list[str] | None
+                  ) -> list[str]:
+    """Input columns to read and pass through, in input order: ``keep`` (None = all) plus the text and id columns."""
+    if keep is not None:
+        unknown = [c for c in keep if c not in available]
+        if unknown:
+            raise InputError(f"{path}: --keep-columns: column {unknown[0]!r} not found (columns: "
+                             f"{', '.join(available[:20])})")
+    chosen = [c for c in available if keep is None or c in keep or c in (wanted, id_column)]
+    return chosen
+
+
+def _open_csv(path: Path, text_column: str | None, id_column: str | None, chunk_size: int,
+              keep: list[str] | None = None):
     """Return (iterator of chunks, text column name, total rows or None). Detects headerless one-column files."""
     import pandas as pd
 
@@ -80,7 +96,7 @@ def _open_csv(path: Path, text_column: str | None, id_column: str | None, chunk_
         missing = [c for c in (id_column,) if c and c not in header]
         if missing:
             raise InputError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(header)})")
-        columns = [c for c in (id_column, wanted) if c]
+        columns = _kept_columns(path, header, wanted, id_column, keep)
         reader = pd.read_csv(path, usecols=columns, **common)
     elif text_column is None and len(header) == 1 and id_column is None:
         # CheXpert-labeler style: one unnamed column of reports, no header row.
@@ -91,7 +107,8 @@ def _open_csv(path: Path, text_column: str | None, id_column: str | None, chunk_
     return (chunk for chunk in reader), wanted, None
 
 
-def _open_parquet(path: Path, text_column: str | None, id_column: str | None, chunk_size: int):
+def _open_parquet(path: Path, text_column: str | None, id_column: str | None, chunk_size: int,
+                  keep: list[str] | None = None):
     import pyarrow.parquet as pq
 
     try:
@@ -103,12 +120,13 @@ def _open_parquet(path: Path, text_column: str | None, id_column: str | None, ch
     for column in (wanted, id_column):
         if column and column not in names:
             raise InputError(f"{path}: column {column!r} not found (columns: {', '.join(names[:20])})")
-    columns = [c for c in (id_column, wanted) if c]
+    columns = _kept_columns(path, names, wanted, id_column, keep)
     chunks = (batch.to_pandas() for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns))
     return chunks, wanted, parquet.metadata.num_rows
 
 
-def _open_jsonl(path: Path, text_column: str | None, id_column: str | None, chunk_size: int):
+def _open_jsonl(path: Path, text_column: str | None, id_column: str | None, chunk_size: int,
+                keep: list[str] | None = None):
     import gzip
 
     import pandas as pd
@@ -135,8 +153,10 @@ def _open_jsonl(path: Path, text_column: str | None, id_column: str | None, chun
                 keys = ", ".join(list(first)[:20])
                 raise InputError(f"{path}: key {column!r} not in the first record (keys: {keys})")
 
+    # the first record's keys (a later record's extra keys are not columns of the output)
+    columns = _kept_columns(path, list(first) if first else [wanted], wanted, id_column, keep) if first else [wanted]
+
     def chunks() -> Iterator[Any]:
-        columns = [c for c in (id_column, wanted) if c]
         buffer = [first] if first is not None else []
         for record in iterator:
             buffer.append(record)
@@ -256,7 +276,9 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, option) and not Path(getattr(args, option)).is_file():
             raise InputError(f"--{option}: file not found: {getattr(args, option)}")
 
-    chunks, text_column, total = openers[kind](source, args.text_column, args.id_column, args.chunk_size)
+    keep = None if args.keep_columns.strip().lower() == "all" else [] if args.keep_columns.strip().lower() == "none" \
+        else [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+    chunks, text_column, total = openers[kind](source, args.text_column, args.id_column, args.chunk_size, keep)
     _import_spacy_without_torch()
 
     from .labeler import build_labeler_pipeline, iter_labels, label_columns
@@ -295,9 +317,13 @@ def _run(args: argparse.Namespace) -> int:
         def flush() -> None:
             chunk = pending.popleft()
             out = chunk.reset_index(drop=True).copy()
-            out[text_column] = [_printable(v) for v in out[text_column].tolist()]
-            if args.id_column:
-                out[args.id_column] = [_printable(v) for v in out[args.id_column].tolist()]
+            for name in out.columns:
+                if out[name].dtype == object:
+                    out[name] = [_printable(v) for v in out[name].tolist()]
+            clash = [c for c in out.columns if c in columns]
+            if clash:
+                raise InputError(f"{source}: input column {clash[0]!r} has the name of a label column; leave it out "
+                                 "with --keep-columns")
             labels = pd.DataFrame(rows, columns=columns, dtype="float64")
             out = pd.concat([out, labels], axis=1)
             if args.evidence:

@@ -41,7 +41,8 @@ def test_csv_with_ids_evidence_sections_and_chunks(tmp_path, capsys):
                  "--chunk-size", "2", "--no-progress"]) == 0
     out = pd.read_csv(tmp_path / "reports.labels.csv", keep_default_na=False, na_values=[""])
     assert list(out.columns[:2]) == ["study_id", "report"] and out["study_id"].tolist() == [f"s{i}" for i in range(5)]
-    assert list(out.columns[2:16]) == CHEXPERT_LABELS
+    assert out["other"].tolist() == ["x"] * 5  # every input column passes through
+    assert list(out.columns[3:17]) == CHEXPERT_LABELS
     _check_labels(out)
     evidence = json.loads(out["evidence"].iloc[0])
     assert evidence["Pneumonia"][0]["cue"] == "possible"
@@ -66,7 +67,7 @@ def test_parquet_streams_record_batches(tmp_path):
     assert main(["label", str(source), "--text-column", "text", "--id-column", "id", "--chunk-size", "2",
                  "--no-progress"]) == 0
     out = pd.read_parquet(tmp_path / "reports.labels.parquet")
-    assert out["id"].tolist() == ["0", "1", "2", "3", "4"]
+    assert out["id"].tolist() == [0, 1, 2, 3, 4]  # input types kept, so the labels join back by key
     _check_labels(out)
 
 
@@ -114,3 +115,23 @@ def test_missing_jsonl_key_and_parquet_column(tmp_path, capsys):
     pq.write_table(pa.table({"text": ["x"]}), parquet)
     assert main(["label", str(parquet)]) == 2
     assert "not" in capsys.readouterr().err
+
+
+def test_every_input_column_is_kept_by_default_and_keep_columns_chooses(tmp_path):
+    source = tmp_path / "reports.csv"
+    pd.DataFrame({"accession": ["A1", "A2"], "patient": ["P9", "P8"],
+                  "report": ["IMPRESSION: Large right pleural effusion.", "IMPRESSION: No pneumothorax."],
+                  "extra": ["x", "y"]}).to_csv(source, index=False)
+    assert main(["label", str(source), "--no-progress"]) == 0
+    out = pd.read_csv(tmp_path / "reports.labels.csv", keep_default_na=False, na_values=[""])
+    assert list(out.columns[:4]) == ["accession", "patient", "report", "extra"]
+    assert list(out["accession"]) == ["A1", "A2"] and out["Pleural Effusion"].iloc[0] == 1.0
+    assert main(["label", str(source), "--keep-columns", "patient", "-o", str(tmp_path / "b.csv"),
+                 "--no-progress"]) == 0
+    assert list(pd.read_csv(tmp_path / "b.csv").columns[:2]) == ["patient", "report"]
+    assert main(["label", str(source), "--keep-columns", "none", "-o", str(tmp_path / "c.csv"), "--no-progress"]) == 0
+    assert list(pd.read_csv(tmp_path / "c.csv").columns[:2]) == ["report", CHEXPERT_LABELS[0]]
+    assert main(["label", str(source), "--keep-columns", "nope", "-o", str(tmp_path / "d.csv"), "--no-progress"]) == 2
+    clash = tmp_path / "clash.csv"
+    pd.DataFrame({"report": ["Mild cardiomegaly."], "Cardiomegaly": [1]}).to_csv(clash, index=False)
+    assert main(["label", str(clash), "--no-progress"]) == 2

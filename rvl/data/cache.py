@@ -101,7 +101,8 @@ def _combine(fingerprints: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------- prepare
 def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size: int = 256, workers: int | None = None,
             strict: bool = False, format: str = "auto", shard_studies: int = DEFAULT_SHARD_STUDIES,
-            keep_shards: bool = False, progress: bool = True, **reader_kwargs: Any) -> dict[str, Any]:
+            keep_shards: bool = False, progress: bool = True, labels: str = "auto",
+            **reader_kwargs: Any) -> dict[str, Any]:
     """Read every image of a manifest once into a resized on-disk ``datasets`` cache (see the module docstring).
 
     Args:
@@ -114,6 +115,8 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
         shard_studies: studies per resumable shard.
         keep_shards: keep ``DIR/shards`` after finishing (cheap incremental re-runs, twice the disk space).
         progress: tqdm progress bar.
+        labels: CheXpert labels for studies without them (:func:`rvl.data.labels.fill_labels`): ``auto`` (label
+            the reports with ``rvl.nlp`` when the manifest has no labels), ``nlp``, ``keep`` or ``none``.
         **reader_kwargs: passed to ``read_manifest`` (e.g. ``reports=`` for a DICOM folder).
 
     Returns:
@@ -123,6 +126,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
+    from rvl.data.labels import fill_labels
     from rvl.data.manifest import read_manifest
 
     start = time.perf_counter()
@@ -130,6 +134,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
         raise PrepareError(f"size must be >= 8, got {size}")
     frame = manifest.reset_index(drop=True) if isinstance(manifest, pd.DataFrame) else \
         read_manifest(manifest, format=format, **reader_kwargs)
+    frame, label_summary = fill_labels(frame, labels, progress=progress)
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +146,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     info_path, dataset_dir = out_dir / "prepare.json", out_dir / "dataset"
     if info_path.exists() and dataset_dir.exists():
         info = json.loads(info_path.read_text())
-        if info.get("fingerprint") == fingerprint:
+        if info.get("fingerprint") == fingerprint:  # labels are part of each study record it covers
             if strict and info.get("n_skipped_images"):
                 with open(out_dir / "skipped.csv", newline="") as f:
                     first = next(csv.DictReader(f))
@@ -186,7 +191,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     info = _finalize(out_dir, shard_dir, shard_fps, progress)
     info.update(size=size, fingerprint=fingerprint, source_manifest=str(manifest) if not isinstance(
         manifest, pd.DataFrame) else "<DataFrame>", format=format, cache_version=CACHE_VERSION,
-        shards_reused=len(shard_fps) - len(todo), shards_built=len(todo), workers=n_workers,
+        shards_reused=len(shard_fps) - len(todo), shards_built=len(todo), workers=n_workers, labels=label_summary,
         seconds=round(time.perf_counter() - start, 2), up_to_date=False)
     write_text_atomic(info_path, json.dumps(info, indent=2))
     if not keep_shards:
@@ -311,6 +316,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="studies per resumable shard")
     parser.add_argument("--keep-shards", action="store_true", help="keep DIR/shards for cheap incremental re-runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--labels", choices=["auto", "nlp", "keep", "none"], default="auto",
+                        help="CheXpert labels: auto (default) labels the reports with rvl.nlp when the manifest has "
+                        "no label values; nlp labels every study without labels; keep uses the manifest's as they "
+                        "are; none trains without labels. Labels given in the manifest are never overwritten.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,8 +331,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = prepare(args.manifest, args.out, size=args.size, workers=args.workers, strict=args.strict,
                        format=args.format, shard_studies=args.shard_studies, keep_shards=args.keep_shards,
-                       progress=not args.no_progress, **kwargs)
-    except (PrepareError, ManifestError, FileNotFoundError) as e:
+                       progress=not args.no_progress, labels=args.labels, **kwargs)
+    except (PrepareError, ManifestError, FileNotFoundError, ValueError) as e:
         print(f"rvl prepare: error: {e}", file=sys.stderr)
         return 2
     if info.get("up_to_date"):
@@ -336,5 +345,7 @@ def run(args: argparse.Namespace) -> int:
              if info["n_dropped_studies"] else "")
           + (f" (see {args.out}/skipped.csv)" if info["n_skipped_images"] else "")
           + (f"; reused {info['shards_reused']} finished shard(s)" if info["shards_reused"] else ""))
+    by_source = info["labels"]["rows_by_source"]
+    print("labels: " + ", ".join(f"{n} studies from {source}" for source, n in by_source.items()))
     return 0
 
