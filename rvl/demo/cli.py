@@ -35,14 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--studies", type=int, default=DEFAULT_STUDIES,
                         help=f"phantom studies to generate (default {DEFAULT_STUDIES})")
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                        help=f"time budget for the whole demo; training steps are sized to fit it (default "
-                        f"{DEFAULT_MINUTES:g})")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="size the training steps to fit this time budget for the whole demo instead of the "
+                        "recipe's fixed step count (numbers then depend on the machine's speed)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the training (default 0)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="fix the training steps instead of sizing them from --minutes")
+                        help="training steps (default: the recipe's fixed count, sized so that the whole demo takes "
+                        "under 10 minutes on 2 CPU cores)")
     parser.add_argument("--force", action="store_true", help="re-run every stage even when a finished one matches")
 
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print(f"rvl demo: --max-steps must be at least 1 (got {args.max_steps})", file=sys.stderr)
         return 2
-    if args.minutes <= 0:
+    if args.minutes is not None and args.minutes <= 0:
         print(f"rvl demo: --minutes must be positive (got {args.minutes})", file=sys.stderr)
         return 2
     if args.device == "cuda":
@@ -125,7 +126,7 @@ class StageRunner:
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
-def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float = DEFAULT_MINUTES, device: str = "auto",
+def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float | None = None, device: str = "auto",
              seed: int = 0, max_steps: int | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo in ``output`` and return the metrics written to ``output/metrics.json``."""
     from rvl.demo import evaluation as ev
@@ -136,14 +137,14 @@ def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float = DEFA
     t_start = time.time()
     device = st.resolve_device(device)
     recipe = st.load_recipe(device)
-    runner = StageRunner(output, budget_s=minutes * 60.0, force=force)
+    runner = StageRunner(output, budget_s=(minutes or DEFAULT_MINUTES) * 60.0, force=force)
     base = {"studies": studies, "seed": seed, "image_size": recipe["image_size"]}
 
     phantoms = runner.run("phantoms", base, lambda: st.stage_phantoms(output, studies, seed, recipe))
     labels = runner.run("label", {}, lambda: st.stage_label(output, phantoms))
     prepared = runner.run("prepare", {"size": recipe["image_size"]}, lambda: st.stage_prepare(output, labels, recipe))
     train_settings = {"minutes": minutes, "device": device, "max_steps": max_steps, "recipe": recipe}
-    budget_left = minutes * 60.0 - (time.time() - t_start)
+    budget_left = minutes * 60.0 - (time.time() - t_start) if minutes else None
     trained = runner.run("pretrain", train_settings,
                          lambda: st.stage_pretrain(output, prepared, recipe, device, seed, budget_left, max_steps))
     indexes = runner.run("index", {}, lambda: st.stage_index(output, prepared, trained, device))

