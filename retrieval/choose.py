@@ -91,9 +91,9 @@ def estimate_bytes_per_vector(factory: str, dim: int) -> float:
 def candidate_factories(n_vectors: int, dim: int, max_bytes_per_vector: float | None = None) -> list[str]:
     """Factories worth measuring for a collection, cheapest to build first.
 
-    IVF at ≈2·√n, 4·√n, 8·√n and 16·√n lists (powers of two, at least 39 training points per list), HNSW32, and for large
-    collections (or a memory budget below float32) IVF with 8-bit scalar codes and IVF-PQ (4-bit fast-scan) with
-    exact re-ranking of ``k·4`` candidates. Candidates over ``max_bytes_per_vector`` are left out.
+    IVF at ≈2·√n, 4·√n, 8·√n and 16·√n lists (powers of two, >= 39 training points per list), HNSW32,
+    and for large collections (or a memory budget below float32) IVF with 8-bit scalar codes and IVF-PQ (4-bit
+    fast-scan) with exact re-ranking of ``k·4`` candidates. Candidates over ``max_bytes_per_vector`` are left out.
     """
     root = math.sqrt(n_vectors)
     lists = sorted({_pow2(m * root) for m in (2, 4, 8, 16)})

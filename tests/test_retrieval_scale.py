@@ -173,3 +173,29 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
     assert moved.on_disk_lists == tmp_path / "moved" / "index.ivfdata" and len(moved) == len(vectors) - 100
     np.testing.assert_array_equal(moved.search(queries, 10)[1], index.search(queries, 10)[1])
     assert not np.isin(moved.search(vectors[:100], 10)[1], ids[:100]).any()
+
+
+def test_index_remove_and_compact_cli(tmp_path, data, capsys):
+    from rvl.cli import main
+    from rvl.retrieval.cli import describe
+
+    vectors, ids, _ = data
+    meta = pd.DataFrame({"study_id": [f"s{i}" for i in range(len(ids))],
+                         "patient_id": [f"p{i % 50}" for i in range(len(ids))]})
+    index = EmbeddingIndex.build(vectors, ids, metadata=meta, candidates=["HNSW16"], target_recall=0.9)
+    text = describe(index)
+    assert "chosen by measurement" in text and "bytes/vector" in text and "HNSW16" in text and "built in" in text
+    index.save(tmp_path / "idx")
+    assert main(["index", "remove", "--index", str(tmp_path / "idx"), "--patient", "p3", "--study-id", "s4"]) == 0
+    withdrawn = ids[(meta.patient_id == "p3").to_numpy() | (meta.study_id == "s4").to_numpy()]
+    assert f"removed {len(withdrawn)} studies" in capsys.readouterr().out
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    hits = loaded.search(vectors[np.isin(ids, withdrawn)], 10)[1]
+    assert len(loaded) == len(ids) - len(withdrawn) and not np.isin(hits, withdrawn).any()
+    if loaded.factory.startswith("HNSW"):
+        assert len(loaded.removed_ids) == len(withdrawn)
+    assert main(["index", "compact", "--index", str(tmp_path / "idx")]) == 0
+    compacted = EmbeddingIndex.load(tmp_path / "idx")
+    assert len(compacted.removed_ids) == 0 and compacted.faiss_index.ntotal == len(ids) - len(withdrawn)
+    assert main(["index", "remove", "--index", str(tmp_path / "idx")]) == 2
+    assert "--study-id" in capsys.readouterr().err
