@@ -208,15 +208,25 @@ def sweep_search_params(index: faiss.Index, grid: Sequence[str], recall_of: Call
 
 class _BuildClock:
     """Predicts build seconds from the speed of exact search measured on this machine (one unit = one query-vector
-    inner product of the exact scan). Factors are calibrated on 200k x 256 (2 cores)."""
+    inner product of the exact scan; factors calibrated on 200k x 256, 2 cores), corrected by the ratio of measured
+    to predicted time of the candidates built so far (exact search suffers more from a busy machine than k-means)."""
 
     HNSW_UNITS_PER_VECTOR = 20_000  # HNSW32 insertion, efConstruction 40
     GRAPH_QUANTIZER_UNITS = 3_000  # an HNSW coarse-quantiser lookup, per vector and k-means iteration
 
     def __init__(self, flat_seconds: float, n_queries: int, n_vectors: int) -> None:
         self.unit_s = flat_seconds / max(1, n_queries * n_vectors)
+        self.correction = 1.0
+
+    def observe(self, factory: str, n_vectors: int, seconds: float) -> None:
+        predicted = self.estimate(factory, n_vectors) / self.correction
+        if predicted > 0:
+            self.correction = seconds / predicted
 
     def estimate(self, factory: str, n_vectors: int) -> float:
+        return self.correction * self._raw_estimate(factory, n_vectors)
+
+    def _raw_estimate(self, factory: str, n_vectors: int) -> float:
         if factory.startswith("HNSW"):
             return self.unit_s * self.HNSW_UNITS_PER_VECTOR * n_vectors
         match = re.match(r"IVF(\d+)(_HNSW)?", factory)
@@ -288,12 +298,14 @@ def choose_index(vectors: np.ndarray, ids: np.ndarray, target_recall: float = 0.
         # the machine may be shared: re-time exact search after each candidate and keep its best (conservative)
         flat_qps = max(flat_qps, timed_search(flat, queries, k, min_seconds=0.1)[1])
         results.append(result)
+        if result.build_s > 0:
+            clock.observe(factory, len(base), result.build_s)
         if result.status == "reached" and (best is None or result.qps > best[1].qps):
             best = (index, result)
         del index
+    results[0].qps = flat_qps
     for result in results:
         result.speedup = result.qps / flat_qps if result.qps == result.qps else float("nan")
-    results[0].qps = flat_qps
     if best is not None and best[1].qps >= min_speedup * flat_qps:
         index, winner = best
     else:
