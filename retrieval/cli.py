@@ -1,6 +1,13 @@
-"""``rvl index build``: embed a study collection (fused multi-view study embeddings) or its reports into an index.
+"""``rvl index``: build an index of study (fused multi-view) or report embeddings; remove studies; compact.
 
     rvl index build --model MODEL_DIR --data MANIFEST_OR_CACHE --out DIR [--kind study|report] [--factory F]
+                    [--target-recall 0.95] [--build-budget 300] [--max-bytes-per-vector B]
+    rvl index remove --index DIR (--study-id ID ... | --patient ID ...)     # withdraw studies (never returned again)
+    rvl index compact --index DIR                                          # drop removed vectors for good
+
+Without ``--factory`` the index is chosen by measurement (``rvl.retrieval.choose``): the fastest candidate reaching the
+target recall@10 on held-out queries, never one slower than exact search; the choice is printed and kept in
+``index.json``.
 
 Multi-GPU: ``accelerate launch -m rvl index build ...`` shards the studies over the processes; the main process
 gathers the embeddings and writes the index (``index.faiss`` + ``metadata.parquet`` + ``index.json``) atomically.
@@ -23,14 +30,16 @@ METADATA_COLUMNS = ("study_id", "patient_id", "study_date", "split", "image_path
 
 def build_index_from_data(model: Any, data: str, kind: str = "study", factory: str | None = None,
                           split: str | None = None, batch_size: int = 32, model_dir: str | None = None,
-                          fingerprint: str | None = None, device: str | None = None, label_source: str = "auto"):
+                          fingerprint: str | None = None, device: str | None = None, label_source: str = "auto",
+                          **build_options: Any):
     """Embed ``data`` with ``model`` and return an :class:`EmbeddingIndex` (ids = manifest row numbers).
 
     Metadata per id: study id, patient id, date, split, image paths, views, report and the CheXpert label columns
     (``label_source``: ``"manifest"`` columns, ``"nlp"`` = ``rvl.nlp`` labels of the reports, ``"auto"`` = manifest
     columns when present, else ``rvl.nlp``), which kNN zero-shot votes with.
     ``device="cpu"`` forces the CPU; otherwise Accelerate picks this process's device. Returns ``None`` on
-    non-main processes of a multi-process launch.
+    non-main processes of a multi-process launch. ``build_options`` go to :meth:`EmbeddingIndex.build`
+    (``target_recall``, ``budget_s``, ``max_bytes_per_vector``).
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -73,7 +82,7 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
              "model_dir": _model_source(model_dir) if model_dir else None}
     fingerprint = fingerprint or model_fingerprint(model_dir if model_dir else model)
     return EmbeddingIndex.build(vectors, rows, factory=factory, metadata=meta, model_fingerprint=fingerprint,
-                                extra=extra)
+                                extra=extra, **build_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="study: fused image embeddings (image->study, study->study, text->study); "
                        "report: report-text embeddings (image->report, kNN zero-shot)")
     build.add_argument("--factory", default=None, help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 "
-                       "(default: chosen by collection size)")
+                       "(default: the fastest candidate reaching --target-recall, measured; never slower than exact)")
+    build.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact search the index is "
+                       "tuned to, on held-out queries (default 0.95)")
+    build.add_argument("--build-budget", type=float, default=None, help="seconds for measuring candidates; ones "
+                       "that would overrun are skipped (default: rvl.retrieval.choose.DEFAULT_BUDGET_S, 300)")
+    build.add_argument("--max-bytes-per-vector", type=float, default=None, help="leave out candidates needing more "
+                       "memory per vector (e.g. 300 for 1M x 256 in 300 MB)")
     build.add_argument("--split", default=None, help="index only this split (default: all studies)")
     build.add_argument("--label-source", choices=("auto", "manifest", "nlp"), default="auto",
                        help="label columns stored with each study (kNN voting): the manifest's, rvl.nlp labels of "
@@ -96,6 +111,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--batch-size", type=int, default=32)
     build.add_argument("--device", default=None, help="torch device for a single process (default: cuda if "
                        "available); multi-GPU: accelerate launch")
+    remove = sub.add_parser("remove", help="remove studies from an index folder (they are never returned again)",
+                            description="Remove studies by study id or patient id and save the folder atomically.")
+    remove.add_argument("--index", required=True, help="index folder")
+    remove.add_argument("--study-id", nargs="+", default=[], help="study ids to remove")
+    remove.add_argument("--patient", nargs="+", default=[], help="remove every study of these patients")
+    compact = sub.add_parser("compact", help="drop the vectors of removed studies for good (rebuilds HNSW graphs)")
+    compact.add_argument("--index", required=True, help="index folder")
+
+
+def describe(index: Any) -> str:
+    """One paragraph for the terminal: the index kind, how it was chosen, its recall, speed-up, memory, build time."""
+    choice = index.choice or {}
+    lines = [f"{len(index)} vectors, dim {index.dim}, factory {index.factory}"
+             f"{' (' + index.search_params + ')' if index.search_params else ''}, "
+             f"{index.bytes_per_vector():.0f} bytes/vector, built in {choice.get('build_s', float('nan')):.1f} s"]
+    if choice.get("method") == "measured":
+        lines.append(f"chosen by measurement on {choice['held_out_queries']} held-out queries: recall@{choice['k']} "
+                     f"{choice['recall']:.3f}, {choice['speedup']:.1f}x exact search ({choice['qps']:,.0f} vs "
+                     f"{choice['exact_qps']:,.0f} queries/s)")
+        for row in choice["candidates"][1:]:
+            measured = (f"recall {row['recall']:.3f} at {row['speedup']:.1f}x, {row['build_s']:.1f} s"
+                        if row["recall"] is not None else "")
+            lines.append(f"  {row['factory']:<28} {row['search_params'] or '':<34} {measured}  [{row['status']}]")
+    elif choice.get("method"):
+        tuned = choice.get("recall_queries")
+        lines.append(choice["method"] + (f", recall@10 {choice['recall']:.3f} on {tuned}" if tuned else ""))
+    return "\n".join(lines)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    """``remove`` / ``compact``: load, change, save atomically."""
+    from rvl.retrieval import EmbeddingIndex
+
+    index = EmbeddingIndex.load(args.index)
+    if args.index_command == "compact":
+        dropped = index.compact()
+        index.save(args.index)
+        print(f"compacted {args.index}: dropped {dropped} removed vectors, {len(index)} remain")
+        return 0
+    if not args.study_id and not args.patient:
+        raise ValueError("give --study-id and/or --patient")
+    meta = index.metadata
+    chosen = np.zeros(len(meta), bool)
+    for column, wanted in (("study_id", args.study_id), ("patient_id", args.patient)):
+        if wanted:
+            if column not in meta:
+                raise ValueError(f"the index metadata has no {column!r} column")
+            chosen |= meta[column].astype(str).isin([str(w) for w in wanted]).to_numpy()
+    removed = index.remove_ids(meta.index[chosen].to_numpy(np.int64))
+    index.save(args.index)
+    print(f"removed {removed} studies from {args.index}; {len(index)} remain"
+          + (f" ({len(index.removed_ids)} hidden until `rvl index compact`)" if len(index.removed_ids) else ""))
+    return 0
 
 
 def _model_source(spec: str) -> str:
@@ -109,16 +177,19 @@ def run(args: argparse.Namespace) -> int:
     from rvl.retrieval.embed import load_model, model_fingerprint
 
     try:
+        if args.index_command != "build":
+            return _edit(args)
         model = load_model(args.model, args.device or "cpu")  # Accelerate moves it to this process's device
         index = build_index_from_data(model, args.data, args.kind, args.factory, args.split, args.batch_size,
                                       model_dir=args.model, fingerprint=model_fingerprint(args.model, model),
-                                      device=args.device, label_source=args.label_source)
+                                      device=args.device, label_source=args.label_source,
+                                      target_recall=args.target_recall, max_bytes_per_vector=args.max_bytes_per_vector,
+                                      **({"budget_s": args.build_budget} if args.build_budget is not None else {}))
     except (FileNotFoundError, ManifestError, ValueError) as err:
-        print(f"rvl index build: error: {err}", file=sys.stderr)
+        print(f"rvl index {args.index_command}: error: {err}", file=sys.stderr)
         return 2
     if index is None:  # non-main accelerate process
         return 0
     out = index.save(args.out)
-    print(f"wrote {out}: {len(index)} {args.kind} embeddings, dim {index.dim}, factory {index.factory}"
-          f"{' (' + index.search_params + ')' if index.search_params else ''}")
+    print(f"wrote {out}: {args.kind} embeddings\n{describe(index)}")
     return 0

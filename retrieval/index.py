@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,14 +20,16 @@ import pandas as pd
 
 from rvl.version import __version__
 
-from .ops import _as_ids, _search_parameters, exact_top_k, normalize_rows, tune_search_params
-from .store import HEADER_FILE, INDEX_FILE, METADATA_FILE, atomic_write_dir, read_json, resolve_index_dir, write_json
+from .choose import DEFAULT_BUDGET_S, choose_index, make_index
+from .edit import ID_COLUMN, IndexEditing
+from .ops import _as_ids, _search_parameters, exact_top_k, normalize_rows, on_disk_lists_in, tune_search_params
+from .store import (HEADER_FILE, INDEX_FILE, METADATA_FILE, ON_DISK_LISTS_FILE, REMOVED_FILE, atomic_write_dir,
+                    read_json, resolve_index_dir, write_json)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 FLAT_MAX_VECTORS = 50_000  # exact search below this: ~10 ms/query on 1 core at d=512, and no training needed
-ID_COLUMN = "id"
 
 
 class IndexMismatchError(ValueError):
@@ -34,9 +37,11 @@ class IndexMismatchError(ValueError):
 
 
 def default_factory(n_vectors: int, dim: int) -> str:
-    """FAISS factory string for a collection size (without the ``IDMap2`` wrapper).
+    """FAISS factory string for a collection size alone (without the ``IDMap2`` wrapper).
 
-    ``Flat`` (exact) for small collections; above :data:`FLAT_MAX_VECTORS` an inverted file with ~2·sqrt(n) lists,
+    Kept for callers that want a size rule; ``EmbeddingIndex.build`` without a factory measures candidates instead
+    (:func:`rvl.retrieval.choose.choose_index`). ``Flat`` (exact) for small collections; above
+    :data:`FLAT_MAX_VECTORS` an inverted file with ~2·sqrt(n) lists,
     searched with the ``nprobe`` tuned at build time (see :meth:`EmbeddingIndex.tune`). IVF, unlike HNSW, supports
     ``remove_ids`` and GPU search. Above 4M vectors the lists hold 8-bit scalar-quantised codes (4x smaller).
     """
@@ -51,7 +56,7 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-class EmbeddingIndex:
+class EmbeddingIndex(IndexEditing):
     """Inner-product FAISS index over normalised embeddings with int64 ids, a metadata table and a JSON header.
 
     Args:
@@ -62,11 +67,14 @@ class EmbeddingIndex:
         search_params: FAISS ``ParameterSpace`` string applied before searching (e.g. ``"nprobe=16"``).
         extra: Free-form JSON-able info stored in ``index.json`` (e.g. model dir, embedding kind).
         device: ``"auto"`` (GPU when faiss-gpu sees one), ``"cpu"`` or ``"gpu"``.
+        removed_ids: Ids still stored in ``index`` but removed (indexes that cannot delete in place); never returned.
+        choice: How the index was chosen and how it measured (``index.json`` ``choice``; see ``build``).
     """
 
     def __init__(self, index: faiss.Index, factory: str, metadata: pd.DataFrame | None = None,
                  model_fingerprint: str | None = None, search_params: str = "", extra: dict[str, Any] | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", *, removed_ids: np.ndarray | None = None,
+                 choice: dict[str, Any] | None = None) -> None:
         if not isinstance(index, faiss.IndexIDMap2):
             raise TypeError(f"expected a faiss.IndexIDMap2, got {type(index).__name__}")
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
@@ -76,7 +84,9 @@ class EmbeddingIndex:
         self.model_fingerprint = model_fingerprint
         self.extra = dict(extra or {})
         self.device = device
+        self.choice = choice
         self._gpu_index: faiss.Index | None = None
+        self._removed = np.unique(np.asarray([] if removed_ids is None else removed_ids, np.int64))
         self.search_params = ""
         self.set_search_params(search_params)
         ids = self.ids
@@ -89,38 +99,49 @@ class EmbeddingIndex:
     def build(cls, vectors: np.ndarray, ids: np.ndarray, factory: str | None = None,
               metadata: pd.DataFrame | None = None, model_fingerprint: str | None = None, *,
               target_recall: float = 0.95, extra: dict[str, Any] | None = None, device: str = "auto",
-              seed: int = 0) -> "EmbeddingIndex":
+              seed: int = 0, budget_s: float = DEFAULT_BUDGET_S, max_bytes_per_vector: float | None = None,
+              candidates: list[str] | None = None) -> "EmbeddingIndex":
         """Build an index from float vectors (normalised here) and unique int64 ids.
+
+        Without a factory the index is chosen by measurement (:func:`rvl.retrieval.choose.choose_index`): the
+        fastest candidate reaching ``target_recall`` on held-out queries, never one slower than exact ``Flat``.
+        The choice, its recall, speed-up and build time are kept in :attr:`choice` (``index.json``).
 
         Args:
             vectors: ``(n, d)`` float array.
             ids: ``(n,)`` unique non-negative int64 ids.
-            factory: FAISS factory string without ``IDMap2`` (``None`` = :func:`default_factory` for ``n``).
+            factory: FAISS factory string without ``IDMap2`` (``None`` = chosen by measurement).
             metadata: Optional table aligned with ``vectors`` (one row each); an ``id`` column is added or checked.
             model_fingerprint: Identifier of the embedding model (stored, checked by ``load``).
             target_recall: Approximate indexes tune nprobe / efSearch to reach this recall@10 on a sample.
             extra: Free-form JSON-able info for the header.
             device: ``"auto"``, ``"cpu"`` or ``"gpu"``.
             seed: Seed of the training / tuning samples.
+            budget_s: Build-time budget of the measured choice (candidates that would overrun it are skipped).
+            max_bytes_per_vector: Memory budget of the measured choice (candidates needing more are left out).
+            candidates: Factories the measured choice tries (default: those that fit the collection).
         """
+        started = time.perf_counter()
         vectors = normalize_rows(vectors)
         ids = _as_ids(ids, len(vectors))
-        factory = factory or default_factory(len(vectors), vectors.shape[1])
-        try:
-            index = faiss.index_factory(vectors.shape[1], f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as err:
-            raise ValueError(f"invalid FAISS factory string {factory!r}: {str(err).splitlines()[0]}") from err
-        if not index.is_trained:
-            rng = np.random.default_rng(seed)
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None and len(vectors) < ivf.nlist:
-                raise ValueError(f"factory {factory!r} has {ivf.nlist} inverted lists but only {len(vectors)} vectors "
-                                 "to train them; use fewer lists or 'Flat'")
-            # 64 points per list is plenty for k-means (faiss warns below 39) and bounds the training time.
-            n_train = min(len(vectors), 64 * ivf.nlist if ivf is not None else 100_000)
-            logger.info("training %s on %d of %d vectors", factory, n_train, len(vectors))
-            index.train(vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))])
-        index.add_with_ids(vectors, ids)
+        metadata = cls._aligned_metadata(metadata, ids)
+        if factory is None:
+            index, factory, params, choice = choose_index(vectors, ids, target_recall, budget_s=budget_s,
+                                                          max_bytes_per_vector=max_bytes_per_vector,
+                                                          candidates=candidates, seed=seed)
+            out = cls(index, factory, metadata, model_fingerprint, params, extra=extra, device=device, choice=choice)
+        else:
+            index = make_index(factory, vectors, ids, seed=seed)
+            out = cls(index, factory, metadata, model_fingerprint, extra=extra, device=device,
+                      choice={"method": "given", "factory": factory})
+            if out.is_approximate:
+                out.tune(vectors, ids, target_recall=target_recall, seed=seed, report=out.choice)
+        out.choice.update(build_s=round(time.perf_counter() - started, 2), search_params=out.search_params)
+        return out
+
+    @staticmethod
+    def _aligned_metadata(metadata: pd.DataFrame | None, ids: np.ndarray) -> pd.DataFrame | None:
+        """Metadata rows given in vector order, with the ``id`` column set (or checked when present)."""
         if metadata is not None:
             metadata = metadata.reset_index(drop=True)
             if len(metadata) != len(ids):
@@ -128,10 +149,7 @@ class EmbeddingIndex:
             if ID_COLUMN in metadata and not np.array_equal(metadata[ID_COLUMN].to_numpy(np.int64), ids):
                 raise ValueError("metadata 'id' column does not match ids")
             metadata = metadata.assign(**{ID_COLUMN: ids})
-        out = cls(index, factory, metadata, model_fingerprint, extra=extra, device=device)
-        if out.is_approximate:
-            out.tune(vectors, ids, target_recall=target_recall, seed=seed)
-        return out
+        return metadata
 
     @staticmethod
     def _check_metadata(metadata: pd.DataFrame, ids: np.ndarray, where: str = "metadata") -> pd.DataFrame:
@@ -152,15 +170,22 @@ class EmbeddingIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self._index.ntotal)
+        """Vectors in the index (removed ones not counted)."""
+        return int(self._index.ntotal) - len(self._removed)
 
     def __len__(self) -> int:
         return self.ntotal
 
     @property
     def ids(self) -> np.ndarray:
-        """All ids in the index (int64, insertion order)."""
-        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        """All ids in the index (int64, insertion order), removed ones left out."""
+        stored = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        return stored[~np.isin(stored, self._removed)] if len(self._removed) else stored
+
+    @property
+    def removed_ids(self) -> np.ndarray:
+        """Ids removed but still stored (HNSW, re-ranked and on-disk indexes), until :meth:`compact`."""
+        return self._removed.copy()
 
     @property
     def faiss_index(self) -> faiss.Index:
@@ -175,59 +200,24 @@ class EmbeddingIndex:
     def is_approximate(self) -> bool:
         return not isinstance(self.inner_index, faiss.IndexFlat)
 
+    @property
+    def on_disk_lists(self) -> Path | None:
+        """The memory-mapped inverted-lists file of an on-disk IVF index (``None`` for in-memory indexes)."""
+        ivf = faiss.try_extract_index_ivf(self.inner_index)
+        lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+        return Path(lists.filename) if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
     def bytes_per_vector(self) -> float:
-        """Serialised size per vector (codes + ids + graph / lists overhead)."""
-        return len(faiss.serialize_index(self._index)) / max(1, self.ntotal)
+        """Serialised size per vector (codes + ids + graph / lists overhead; on-disk lists included)."""
+        lists = self.on_disk_lists
+        size = lists.stat().st_size if lists is not None else 0
+        return (len(faiss.serialize_index(self._index)) + size) / max(1, self.ntotal)
 
     def __repr__(self) -> str:
         return (f"EmbeddingIndex(factory={self.factory!r}, dim={self.dim}, ntotal={self.ntotal}, "
                 f"search_params={self.search_params!r})")
 
     # ------------------------------------------------------------------ mutation
-    def add(self, vectors: np.ndarray, ids: np.ndarray, metadata: pd.DataFrame | None = None) -> None:
-        """Add vectors with new unique ids (and their metadata rows when the index carries metadata columns)."""
-        vectors = normalize_rows(vectors)
-        if vectors.shape[1] != self.dim:
-            raise ValueError(f"vectors have dim {vectors.shape[1]}, index has dim {self.dim}")
-        ids = _as_ids(ids, len(vectors))
-        clash = np.intersect1d(ids, self.ids)
-        if len(clash):
-            raise ValueError(f"{len(clash)} ids already in the index (e.g. {clash[:3].tolist()}); remove them first")
-        extra_columns = [c for c in self.metadata.columns if c != ID_COLUMN]
-        if metadata is None:
-            if extra_columns:
-                raise ValueError(f"the index carries metadata columns {extra_columns[:5]}; pass metadata rows too")
-            metadata = pd.DataFrame({ID_COLUMN: ids})
-        elif len(metadata) != len(ids):
-            raise ValueError(f"metadata has {len(metadata)} rows but there are {len(ids)} vectors")
-        new_rows = metadata.reset_index(drop=True).assign(**{ID_COLUMN: ids})
-        self._index.add_with_ids(vectors, ids)
-        self._drop_caches()
-        combined = pd.concat([self.metadata.reset_index(drop=True), new_rows], ignore_index=True)
-        self.metadata = self._check_metadata(combined, self.ids)
-
-    def remove_ids(self, ids: Iterable[int] | np.ndarray) -> int:
-        """Remove ids (unknown ids are ignored); returns how many were removed.
-
-        HNSW cannot delete in place, so for HNSW the index is rebuilt from the remaining (reconstructed) vectors.
-        """
-        ids = np.intersect1d(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, np.int64), self.ids)
-        if len(ids) == 0:
-            return 0
-        self._drop_caches()
-        if isinstance(self.inner_index, faiss.IndexHNSW):
-            keep = np.setdiff1d(self.ids, ids)
-            vectors = self.reconstruct(keep)
-            index = faiss.index_factory(self.dim, f"IDMap2,{self.factory}", faiss.METRIC_INNER_PRODUCT)
-            index.add_with_ids(vectors, keep)
-            self._index = index
-            self.set_search_params(self.search_params)
-            removed = len(ids)
-        else:
-            removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
-        self.metadata = self.metadata.drop(index=ids)
-        return removed
-
     def _drop_caches(self) -> None:
         self._gpu_index = None
         ivf = faiss.try_extract_index_ivf(self.inner_index)
@@ -254,7 +244,8 @@ class EmbeddingIndex:
     # ------------------------------------------------------------------ search
     def _search_index(self) -> faiss.Index:
         want_gpu = self.device == "gpu" or (self.device == "auto" and gpu_available())
-        if not want_gpu or isinstance(self.inner_index, faiss.IndexHNSW):  # HNSW has no GPU implementation
+        # HNSW has no GPU implementation; on-disk lists would be copied whole to the GPU
+        if not want_gpu or self.on_disk_lists is not None or isinstance(self.inner_index, faiss.IndexHNSW):
             return self._index
         if self._gpu_index is None:
             try:
@@ -291,7 +282,7 @@ class EmbeddingIndex:
             raise ValueError(f"queries have dim {queries.shape[1]}, index has dim {self.dim}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if allowed_ids is not None or excluded_ids is not None:
+        if allowed_ids is not None or excluded_ids is not None or len(self._removed):
             return self._search_filtered(queries, k, allowed_ids, excluded_ids, batch_size)
         index = self._search_index()
         scores, ids = [], []
@@ -307,22 +298,32 @@ class EmbeddingIndex:
         scores[ids < 0] = -np.inf
         return scores, ids.astype(np.int64, copy=False)
 
+    def _id_selector(self, ids: np.ndarray) -> faiss.IDSelector:
+        """A selector of ``ids``. ``IndexIDMap2`` translates only top-level selectors to its inner positions; a
+        re-ranking index passes nested parameters to its base index, so it gets the positions directly."""
+        if isinstance(self.inner_index, faiss.IndexRefine):
+            ids = np.flatnonzero(np.isin(faiss.vector_to_array(self._index.id_map), ids)).astype(np.int64)
+        return faiss.IDSelectorBatch(ids)
+
     def _search_filtered(self, queries: np.ndarray, k: int, allowed_ids: Any, excluded_ids: Any,
                          batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        all_ids = self.ids
+        all_ids = self.ids  # removed ids are not in it
         excluded = np.unique(np.asarray(list(excluded_ids) if excluded_ids is not None else [], np.int64))
+        excluded = np.union1d(excluded, self._removed)
         if allowed_ids is not None:
             allowed = np.asarray(list(allowed_ids) if not isinstance(allowed_ids, np.ndarray) else allowed_ids)
             allowed = np.setdiff1d(np.intersect1d(allowed.astype(np.int64), all_ids), excluded)
             # Small subsets (typical: one patient's priors) are searched exactly on their reconstructed vectors.
             if len(allowed) <= max(4096, k):
                 return exact_top_k(queries, self.reconstruct(allowed), allowed, k)
-            selector = faiss.IDSelectorBatch(allowed)
+            selectors = [self._id_selector(allowed)]
         else:
             allowed = None
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)) if len(excluded) else None
+            selectors = [self._id_selector(excluded)] if len(excluded) else []
+            selectors = [faiss.IDSelectorNot(selectors[0]), *selectors] if selectors else []
         n_allowed = len(allowed) if allowed is not None else len(np.setdiff1d(all_ids, excluded))
-        params = _search_parameters(self.inner_index, selector) if selector is not None else None
+        params_chain = _search_parameters(self.inner_index, selectors[0]) if selectors else [None]
+        params = params_chain[0]  # params_chain and selectors keep the nested SWIG objects alive
         scores, ids = [], []
         for start in range(0, len(queries), batch_size):
             s, i = self._index.search(queries[start:start + batch_size], k, params=params)
@@ -338,25 +339,31 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ tuning
     def tune(self, vectors: np.ndarray, ids: np.ndarray, target_recall: float = 0.95, k: int = 10,
-             n_queries: int = 256, seed: int = 0) -> str:
+             n_queries: int = 256, seed: int = 0, report: dict[str, Any] | None = None) -> str:
         """Set the cheapest nprobe / efSearch reaching ``target_recall`` (see :func:`tune_search_params`)."""
-        return tune_search_params(self, vectors, ids, target_recall, k, n_queries, seed)
+        return tune_search_params(self, vectors, ids, target_recall, k, n_queries, seed, report)
 
     # ------------------------------------------------------------------ persistence
     def header(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "dim": self.dim, "metric": "inner_product", "normalized": True,
                 "factory": self.factory, "count": self.ntotal, "rvl_version": __version__,
                 "model_fingerprint": self.model_fingerprint, "search_params": self.search_params,
-                "faiss_version": faiss.__version__, "extra": self.extra}
+                "faiss_version": faiss.__version__, "extra": self.extra, "choice": self.choice,
+                "removed_count": len(self._removed), "on_disk": self.on_disk_lists is not None}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``index.faiss``, ``metadata.parquet`` and ``index.json`` atomically into folder ``path``."""
-        def write(folder: Path) -> None:
-            faiss.write_index(self._index, str(folder / INDEX_FILE))  # always the CPU master, never a GPU clone
-            self.metadata.reset_index(drop=True).to_parquet(folder / METADATA_FILE, index=False)
-            write_json(folder / HEADER_FILE, self.header())
+        """Write ``index.faiss``, ``metadata.parquet`` and ``index.json`` atomically into folder ``path`` (plus
+        ``removed_ids.npy`` when ids are hidden, and ``index.ivfdata`` for on-disk lists)."""
+        return atomic_write_dir(path, self.write_files)
 
-        return atomic_write_dir(path, write)
+    def write_files(self, folder: Path) -> None:
+        """Write the index files into an existing (temporary) folder; :meth:`save` swaps it in atomically."""
+        with on_disk_lists_in(self._index, folder):
+            faiss.write_index(self._index, str(folder / INDEX_FILE))  # always the CPU master, never a GPU clone
+        if len(self._removed):
+            np.save(folder / REMOVED_FILE, self._removed)
+        self.metadata.reset_index(drop=True).to_parquet(folder / METADATA_FILE, index=False)
+        write_json(folder / HEADER_FILE, self.header())
 
     @classmethod
     def load(cls, path: str | os.PathLike, model_fingerprint: str | None = None, dim: int | None = None,
@@ -379,17 +386,25 @@ class EmbeddingIndex:
         if model_fingerprint is not None and stored_fp != model_fingerprint:
             raise IndexMismatchError(f"index {path} was built by a different model (fingerprint {stored_fp}, this "
                                      f"model {model_fingerprint}); rebuild it with `rvl index build` for this model")
-        index = faiss.read_index(str(folder / INDEX_FILE))
+        if header.get("on_disk") and not (folder / ON_DISK_LISTS_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: index.json says the inverted lists are on disk but "
+                                    f"{ON_DISK_LISTS_FILE} is missing")
+        # on-disk lists are memory-mapped from this folder, wherever the index was written
+        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
         if not isinstance(index, faiss.IndexIDMap2):
             raise ValueError(f"{folder / INDEX_FILE}: expected an IDMap2 index, found {type(index).__name__}")
-        if index.d != int(header["dim"]) or index.ntotal != int(header["count"]):
+        n_removed = int(header.get("removed_count", 0))
+        removed = np.load(folder / REMOVED_FILE) if n_removed else np.zeros(0, np.int64)
+        stored = faiss.vector_to_array(index.id_map).astype(np.int64)
+        if index.d != int(header["dim"]) or index.ntotal != int(header["count"]) + n_removed \
+                or len(removed) != n_removed or not np.isin(removed, stored).all():
             raise ValueError(f"{folder}: index.faiss has dim {index.d} / {index.ntotal} vectors but index.json says "
-                             f"dim {header['dim']} / {header['count']}")
+                             f"dim {header['dim']} / {header['count']} (+ {n_removed} removed, {len(removed)} in "
+                             f"{REMOVED_FILE})")
         metadata = pd.read_parquet(folder / METADATA_FILE)
         try:
-            cls._check_metadata(metadata, faiss.vector_to_array(index.id_map).astype(np.int64),
-                                where=str(folder / METADATA_FILE))
+            cls._check_metadata(metadata, stored[~np.isin(stored, removed)], where=str(folder / METADATA_FILE))
         except ValueError as err:
             raise ValueError(f"{err}; the index folder is inconsistent, rebuild it") from None
         return cls(index, header["factory"], metadata, stored_fp, header.get("search_params", ""),
-                   header.get("extra"), device)
+                   header.get("extra"), device, removed_ids=removed, choice=header.get("choice"))

@@ -1,8 +1,12 @@
 """Vector-level helpers of the index: normalisation, id checks, exact top-k, FAISS search parameters, tuning."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Iterable
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -36,14 +40,47 @@ def _as_ids(ids: Iterable[int] | np.ndarray, n: int | None = None) -> np.ndarray
     return out
 
 
-def _search_parameters(inner: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
-    """Search parameters carrying ``selector`` and the index's current nprobe / efSearch (params override them)."""
+def _search_parameters(inner: faiss.Index, selector: faiss.IDSelector) -> list[faiss.SearchParameters]:
+    """Search parameters carrying ``selector`` and the index's current nprobe / efSearch / k_factor.
+
+    The first element is the one to pass to ``search``; the rest are nested parameters it points to, returned so the
+    caller keeps them alive (SWIG does not).
+    """
+    if isinstance(inner, faiss.IndexRefine):
+        nested = _search_parameters(faiss.downcast_index(inner.base_index), selector)
+        return [faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=nested[0]), *nested]
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        return [faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)]
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
-    return faiss.SearchParameters(sel=selector)
+        return [faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)]
+    return [faiss.SearchParameters(sel=selector)]
+
+
+def remove_from_ivf(index: faiss.IndexIDMap2, ids: np.ndarray) -> int:
+    """Remove ``ids`` from an ``IDMap2`` over an in-memory IVF index; returns how many were removed.
+
+    ``IndexIDMap2.remove_ids`` assumes the inner index renumbers its vectors like a flat array does, but IVF lists
+    keep their stored positions, so after it the id map points at the wrong vectors. Here the positions are removed
+    from the lists, the survivors' positions renumbered in place, and the id map compacted to match.
+    """
+    stored = faiss.vector_to_array(index.id_map)
+    drop = np.isin(stored, ids)
+    if not drop.any():
+        return 0
+    ivf = faiss.extract_index_ivf(index)
+    removed = int(ivf.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(drop).astype(np.int64))))
+    new_position = np.cumsum(~drop) - 1
+    lists = ivf.invlists
+    for list_no in range(ivf.nlist):
+        size = lists.list_size(list_no)
+        if size:
+            positions = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+            positions[:] = new_position[positions]
+    faiss.copy_array_to_vector(np.ascontiguousarray(stored[~drop]), index.id_map)
+    index.ntotal = int((~drop).sum())
+    index.construct_rev_map()
+    return removed
 
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,25 +101,22 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: in
 
 
 def tune_search_params(index: Any, vectors: np.ndarray, ids: np.ndarray, target_recall: float = 0.95, k: int = 10,
-                       n_queries: int = 256, seed: int = 0) -> str:
+                       n_queries: int = 256, seed: int = 0, report: dict[str, Any] | None = None) -> str:
     """Set and return the cheapest nprobe / efSearch of an ``EmbeddingIndex`` whose recall@k (vs exact) on a sample
-    of its data reaches the target.
+    of its data reaches the target (for a given factory; without one ``build`` measures on held-out queries).
 
     Queries are sampled database vectors; each one's own hit is dropped from both result lists. An HNSW query that
     is itself a graph node reaches its neighbours through its own edges, so its sample recall overestimates the
     recall of new queries (by ~0.02-0.04 at 0.95 in bench/bench_retrieval.py); HNSW is therefore tuned to halve the
-    remaining error (0.975 for a 0.95 target).
+    remaining error (0.975 for a 0.95 target). ``report`` (if given) receives the sample ``recall``.
     """
-    inner = index.inner_index
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None:
-        name, values = "nprobe", [v for v in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
-                                  if v <= ivf.nlist]
-    elif isinstance(inner, faiss.IndexHNSW):
-        name, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-        target_recall = target_recall + (1.0 - target_recall) / 2
-    else:
+    from .choose import search_param_grid, sweep_search_params
+
+    grid = search_param_grid(index.faiss_index)
+    if grid == [""]:
         return index.search_params
+    if isinstance(index.inner_index, faiss.IndexHNSW):
+        target_recall = target_recall + (1.0 - target_recall) / 2
     vectors = normalize_rows(vectors)
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(vectors), min(n_queries, len(vectors)), replace=False)
@@ -93,16 +127,37 @@ def tune_search_params(index: Any, vectors: np.ndarray, ids: np.ndarray, target_
         hits = [len((set(f) - {o, -1}) & (set(t) - {o})) / k for f, t, o in zip(found, truth, own)]
         return float(np.mean(hits))
 
-    chosen = f"{name}={values[-1]}"
-    for value in values:
-        index.set_search_params(f"{name}={value}")
-        got = recall(index.faiss_index.search(queries, k + 1)[1])
-        if got >= target_recall:
-            chosen = f"{name}={value}"
-            logger.info("tuned %s: %s gives recall@%d %.3f on %d sampled queries", index.factory, chosen, k, got,
-                        len(rows))
-            break
+    chosen, got, _, reached = sweep_search_params(index.faiss_index, grid, recall, queries, k + 1, target_recall)
+    if reached:
+        logger.info("tuned %s: %s gives recall@%d %.3f on %d sampled queries", index.factory, chosen, k, got,
+                    len(rows))
     else:
         logger.warning("%s: recall@%d target %.2f not reached; using %s", index.factory, k, target_recall, chosen)
     index.set_search_params(chosen)
+    if report is not None:
+        report.update(recall=round(got, 4), recall_queries="sampled database vectors")
     return chosen
+
+
+@contextlib.contextmanager
+def on_disk_lists_in(index: faiss.Index, folder: Path) -> Iterator[None]:
+    """While writing ``index`` into ``folder``: put its on-disk inverted lists there too (a hard link when the file
+    system allows, else a copy) and point the index at them, so the folder is self-contained."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        yield
+        return
+    from .store import ON_DISK_LISTS_FILE
+
+    source, target = Path(lists.filename), Path(folder) / ON_DISK_LISTS_FILE
+    if source.resolve() != target.resolve():
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    lists.filename = str(target)
+    try:
+        yield
+    finally:
+        lists.filename = str(source)

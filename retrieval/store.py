@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"
 HEADER_FILE = "index.json"
+REMOVED_FILE = "removed_ids.npy"  # optional: ids removed from HNSW / re-ranked / on-disk indexes, hidden at search
+ON_DISK_LISTS_FILE = "index.ivfdata"  # optional: inverted lists of an on-disk IVF index (memory-mapped)
 REQUIRED_FILES = (INDEX_FILE, METADATA_FILE, HEADER_FILE)
 
 
