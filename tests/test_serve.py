@@ -246,6 +246,23 @@ def test_cli_refuses_unsafe_or_broken_setups(archive, capsys):
     assert "report index; expected a study index" in capsys.readouterr().err
 
 
+def test_demo_prints_a_serve_command_that_parses(archive, tmp_path):
+    import shlex
+
+    from rvl.cli import build_parser
+    from rvl.serve.cli import demo_serve_command
+
+    demo = tmp_path / "demo_out"
+    demo.mkdir()
+    for kind in ("study", "report"):
+        shutil.copytree(archive[kind], demo / f"index_{kind}")
+    argv = shlex.split(demo_serve_command(demo))
+    assert argv[:2] == ["rvl", "serve"]
+    args = build_parser().parse_args(argv[1:])
+    assert Path(args.model) == Path(archive["model"]).absolute() and args.host == "127.0.0.1"
+    assert Path(args.index) == demo / "index_study" and Path(args.reports_index) == demo / "index_report"
+
+
 # ------------------------------------------------------------------------------------------------- browser
 def _free_port() -> int:
     with socket.socket() as sock:

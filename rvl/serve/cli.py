@@ -29,6 +29,16 @@ def serve_command(model_dir: str | os.PathLike, index_dir: str | os.PathLike | N
     return shlex.join(parts)
 
 
+def demo_serve_command(demo_dir: str | os.PathLike) -> str:
+    """The ``rvl serve`` command for an ``rvl demo`` output folder: the model its study index was built with (recorded
+    in the index header) and the demo's ``index_study`` / ``index_report`` folders."""
+    from rvl.retrieval.store import HEADER_FILE, read_json, resolve_index_dir
+
+    study, report = Path(demo_dir) / "index_study", Path(demo_dir) / "index_report"
+    model_dir = read_json(resolve_index_dir(study) / HEADER_FILE).get("extra", {}).get("model_dir")
+    return serve_command(model_dir or Path(demo_dir) / "train_multiview" / "model", study, report)
+
+
 def is_loopback(host: str) -> bool:
     """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
     if host.strip().lower() == "localhost":
