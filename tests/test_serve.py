@@ -328,14 +328,15 @@ def test_browser_upload_finding_heatmap_similar_search(archive, tmp_path):
         values = lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#findings .value")]  # noqa: E731
         wait.until(lambda d: all(v and not v.startswith("–") for v in values(d)))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit")) == 8)
-        wait.until(lambda d: all(img.get_attribute("src") for img in d.find_elements(By.CSS_SELECTOR, "img.radiograph")))
+        shown = lambda d, css: all(img.get_attribute("src") for img in d.find_elements(By.CSS_SELECTOR, css))  # noqa
+        wait.until(lambda d: shown(d, "img.radiograph"))
         assert len(driver.find_elements(By.CSS_SELECTOR, "#findings .bar.knn")) == 14  # kNN vote beside the prompts
         assert driver.find_element(By.ID, "patient-id").get_attribute("value") == row["patient_id"]
         driver.find_element(By.CSS_SELECTOR, '#findings .finding[data-label="Pleural Effusion"]').click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.heatmap")) == 2)
         assert all(img.get_attribute("src").startswith("data:image/png")
                    for img in driver.find_elements(By.CSS_SELECTOR, "img.heatmap"))
-        wait.until(lambda d: all(img.get_attribute("src") for img in d.find_elements(By.CSS_SELECTOR, ".hit img")))
+        wait.until(lambda d: shown(d, ".hit img"))
         assert not driver.find_elements(By.CSS_SELECTOR, ".message.error")
         wait.until(lambda d: not d.find_element(By.ID, "busy").is_displayed())
         driver.save_screenshot(str(tmp_path / "serve.png"))

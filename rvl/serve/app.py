@@ -95,11 +95,11 @@ def _check_token(request: Request, credentials: Optional[HTTPAuthorizationCreden
 
 def _study(request: Request,
            files: Optional[list[UploadFile]] = File(None, description="images of ONE study (DICOM, PNG, JPEG)"),
-           views: Optional[list[str]] = Form(None, description="view per file (PA, AP, LATERAL, LL, OTHER; empty or "
-                                                               "'auto' = DICOM ViewPosition), repeated or comma-separated"),
+           views: Optional[list[str]] = Form(None, description="view per file (PA, AP, LATERAL, LL, OTHER; empty "
+                                             "or 'auto' = DICOM ViewPosition), repeated or comma-separated"),
            upload_id: Optional[str] = Form(None, description="a study uploaded earlier (returned as study.upload_id)"),
            study_id: Optional[str] = Form(None, description="an archive study of the index"),
-           patient_id: Optional[str] = Form(None, description="patient of an uploaded study (default: DICOM PatientID)"),
+           patient_id: Optional[str] = Form(None, description="patient of an upload (default: DICOM PatientID)"),
            study_date: Optional[str] = Form(None, description="YYYY-MM-DD (default: DICOM StudyDate)"),
            ) -> StudyEntry:
     """The study a request is about, from exactly one of files / upload_id / study_id."""
@@ -116,6 +116,10 @@ def _study(request: Request,
         views = views[0].split(",")
     uploads = [(f.filename or "", f.file.read(service.max_upload_bytes + 1)) for f in files]
     return service.upload_study(uploads, views, patient_id, study_date)
+
+
+def _view_png(service: StudyService, study: StudyEntry, view: int, size: int) -> Response:
+    return Response(service.view_png(study, view, size), media_type="image/png")
 
 
 def create_app(service: StudyService, token: str | None = None) -> FastAPI:
@@ -172,21 +176,16 @@ def create_app(service: StudyService, token: str | None = None) -> FastAPI:
     def study_record(request: Request, study_id: str) -> dict[str, Any]:
         return _service(request).study_record(study_id)
 
-    png = {200: {"content": {"image/png": {}}, "description": "the view as PNG"}}
+    png = {"response_class": Response, "responses": {200: {"content": {"image/png": {}}, "description": "PNG"}}}
+    size_query = Query(1024, ge=32, le=2048, description="long side in pixels")
 
-    @api.get("/study/{study_id}/image/{view}", response_class=Response, responses=png,
-             summary="a view of an archive study (read from the path in the index metadata)")
-    def study_image(request: Request, study_id: str, view: int,
-                    size: int = Query(1024, ge=32, le=2048, description="long side in pixels")) -> Response:
-        service = _service(request)
-        return Response(service.view_png(service.archive_study(study_id), view, size), media_type="image/png")
+    @api.get("/study/{study_id}/image/{view}", summary="a view of an archive study (from the index metadata)", **png)
+    def study_image(request: Request, study_id: str, view: int, size: int = size_query) -> Response:
+        return _view_png(_service(request), _service(request).archive_study(study_id), view, size)
 
-    @api.get("/upload/{upload_id}/image/{view}", response_class=Response, responses=png,
-             summary="a view of an uploaded (cached) study")
-    def upload_image(request: Request, upload_id: str, view: int,
-                     size: int = Query(1024, ge=32, le=2048, description="long side in pixels")) -> Response:
-        service = _service(request)
-        return Response(service.view_png(service.cached_upload(upload_id), view, size), media_type="image/png")
+    @api.get("/upload/{upload_id}/image/{view}", summary="a view of an uploaded (cached) study", **png)
+    def upload_image(request: Request, upload_id: str, view: int, size: int = size_query) -> Response:
+        return _view_png(_service(request), _service(request).cached_upload(upload_id), view, size)
 
     app.include_router(api)
 

@@ -189,7 +189,8 @@ class StudyService:
 
             entry = StudyEntry(key, views, [f"view {i + 1}" for i in range(len(paths))],
                                self.index.reconstruct(np.asarray([index_id], np.int64))[0],
-                               patient_id=optional_text(row.get("patient_id")), study_date=optional_text(row.get("study_date")),
+                               patient_id=optional_text(row.get("patient_id")),
+                               study_date=optional_text(row.get("study_date")),
                                study_id=str(study_id), index_id=index_id,
                                used_views=select_views(views, self.max_views, None))
             entry.derived["paths"] = paths
@@ -250,7 +251,7 @@ class StudyService:
             knn = {label: round(float(p), 4) for label, p in zip(labels, votes)}
         return {"study": entry.describe(), "labels": list(self.classifier.labels),
                 "prompt": {label: round(float(p), 4) for label, p in zip(self.classifier.labels, prompt)},
-                "knn": knn, "knn_k": min(self.knn_k, len(self.reports_index)) if self.reports_index is not None else None,
+                "knn": knn, "knn_k": None if self.reports_index is None else min(self.knn_k, len(self.reports_index)),
                 "knn_error": self.index_errors.get("reports_index")}
 
     def _prompt_classifier(self, prompt: str) -> Any:
@@ -291,8 +292,8 @@ class StudyService:
         views = []
         for i, (display, heat) in enumerate(zip(displays, maps)):
             png, (x, y) = overlay_png(display, heat, low, high)
-            views.append({"index": i, "view": entry.views[i], "image": data_url(png), "peak": [round(x, 4), round(y, 4)],
-                          "max_score": round(float(heat.max()), 4)})
+            views.append({"index": i, "view": entry.views[i], "image": data_url(png),
+                          "peak": [round(x, 4), round(y, 4)], "max_score": round(float(heat.max()), 4)})
         probability = float(classifier.predict_proba(entry.embedding[None])[0, 0])
         return {"prompt": prompt, "probability": round(probability, 4), "score_range": [round(low, 4), round(high, 4)],
                 "views": views}

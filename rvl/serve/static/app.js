@@ -320,7 +320,8 @@ function renderResults(hits, emptyText) {
     const report = el("div", {class: "report"}, summary);
     const samePatient = state.patientId && hit.patient_id === state.patientId;
     return el("article", {class: "hit", "data-study-id": hit.study_id},
-      el("div", {class: "thumb"}, hit.thumbnail ? apiImage(`${hit.thumbnail}?size=320`, `study ${hit.study_id}`) : null),
+      el("div", {class: "thumb"},
+        hit.thumbnail ? apiImage(`${hit.thumbnail}?size=320`, `study ${hit.study_id}`) : null),
       el("div", {class: "body"},
         el("div", {class: "top"}, el("strong", {}, `#${hit.rank} ${hit.study_id}`),
           el("span", {class: "score", title: "cosine similarity"}, hit.score.toFixed(3))),
