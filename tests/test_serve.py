@@ -212,6 +212,19 @@ def test_bad_requests_get_clear_messages(client, archive, case):
     assert expected[1] in response.json()["detail"]
 
 
+def test_heatmap_overlay_sits_on_the_image_not_the_padding():
+    from rvl.serve.render import content_map, overlay_png
+
+    grid = np.zeros((4, 4), np.float32)
+    grid[0, 2] = 1.0  # top row, third column of the padded square
+    # a 100 x 50 image fills the middle half of its square (columns 25-75 of 100): the hot cell (columns 50-75) is
+    # the right half of the image
+    heat = content_map(grid, 100, 50)
+    assert heat.shape == (100, 50)
+    png, (x, y) = overlay_png(np.full((100, 50), 128, np.uint8), heat, float(heat.min()), float(heat.max()))
+    assert 0.5 < x < 1.0 and y < 0.25 and png.startswith(b"\x89PNG")
+
+
 def test_token_and_wrong_model(archive, service):
     from rvl.model import create_model
     from rvl.serve.app import create_app
@@ -270,8 +283,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _browser_or_skip():
-    """Selenium + Debian chromium / chromedriver; missing pieces fail under CI and skip elsewhere."""
+@pytest.fixture(scope="module")
+def browser_missing() -> str | None:
+    """What the browser test lacks (Selenium, Debian chromium / chromedriver): outside CI it is skipped before the
+    archive is built; under CI (env CI set) the test fails."""
     missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
     try:
         import selenium  # noqa: F401
@@ -279,13 +294,15 @@ def _browser_or_skip():
         missing.append("selenium (pip)")
     if missing:
         message = f"browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        if not os.environ.get("CI"):
+            pytest.skip(message)
+        return message
+    return None
 
 
-def test_browser_upload_finding_heatmap_similar_search(archive, tmp_path):
-    _browser_or_skip()
+def test_browser_upload_finding_heatmap_similar_search(browser_missing, archive, tmp_path):
+    if browser_missing:
+        pytest.fail(browser_missing)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -293,10 +310,12 @@ def test_browser_upload_finding_heatmap_similar_search(archive, tmp_path):
 
     port = _free_port()
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
+    token = "browser-test-token"
+    with open(log_path, "wb") as log:  # the token through the environment, so that it is not on the command line
         server = subprocess.Popen([sys.executable, "-m", "rvl", "serve", "--model", str(archive["model"]), "--index",
                                    str(archive["study"]), "--reports-index", str(archive["report"]), "--port",
-                                   str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
+                                   str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "RVL_SERVE_TOKEN": token})
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -311,7 +330,10 @@ def test_browser_upload_finding_heatmap_similar_search(archive, tmp_path):
         while True:
             assert server.poll() is None, log_path.read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                health = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                if health.status_code == 401:
+                    assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2,
+                                     headers={"Authorization": f"Bearer {token}"}).status_code == 200
                     break
             except httpx.HTTPError:
                 pass
@@ -320,7 +342,7 @@ def test_browser_upload_finding_heatmap_similar_search(archive, tmp_path):
         os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a driver
         driver = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
         wait = WebDriverWait(driver, 60)
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.get(f"http://127.0.0.1:{port}/#token={token}")  # the page keeps it and sends it as a header
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#findings .finding")) == 14)
         row = archive["frame"].iloc[0]
         driver.find_element(By.ID, "file-input").send_keys("\n".join(row["dicom_paths"]))
@@ -368,4 +390,4 @@ def test_browser_upload_finding_heatmap_similar_search(archive, tmp_path):
     frame = archive["frame"]
     assert "GET /api/health 200" in log or "POST /api/zeroshot 200" in log
     leaked = [p for p in frame["patient_id"] if p in log] + [r[:40] for r in frame["report"] if r[:40] in log]
-    assert not leaked, f"patient ids / report text in the server log: {leaked[:3]}"
+    assert not leaked and token not in log, f"patient ids / report text / token in the server log: {leaked[:3]}"

@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(Authorization: Bearer TOKEN); default ${TOKEN_ENV}")
     parser.add_argument("--max-upload-mb", type=float, default=100.0, help="most MiB uploaded per study (default 100)")
     parser.add_argument("--max-images", type=int, default=4, help="most images per uploaded study (default 4)")
-    parser.add_argument("--cache-studies", type=int, default=128, help="studies whose embeddings and views stay in "
-                        "memory (LRU, default 128)")
+    parser.add_argument("--cache-studies", type=int, default=64, help="studies whose embeddings and views stay in "
+                        "memory (LRU, default 64; about 2-4 MB each)")
     parser.add_argument("--knn-k", type=int, default=20, help="reports that vote in kNN zero-shot (default 20)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
@@ -74,8 +74,8 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
                 f"give --token SECRET (or set {TOKEN_ENV}) or bind 127.0.0.1")
     if not 0 <= args.port <= 65535:
         return f"--port must be 0..65535, got {args.port}"
-    if args.max_upload_mb <= 0 or args.max_images < 1 or args.cache_studies < 0 or args.knn_k < 1:
-        return "--max-upload-mb, --max-images and --knn-k must be positive and --cache-studies at least 0"
+    if args.max_upload_mb <= 0 or args.max_images < 1 or args.cache_studies < 1 or args.knn_k < 1:
+        return "--max-upload-mb, --max-images, --cache-studies and --knn-k must be positive"
     return None
 
 

@@ -17,10 +17,15 @@ DISPLAY_MAX_SIDE = 1024
 
 
 def display_uint8(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
-    """A float [0, 1] ``(H, W)`` radiograph (display orientation) as uint8, long side at most ``max_side``."""
+    """A float [0, 1] (or uint8) ``(H, W)`` radiograph in display orientation as uint8, long side at most
+    ``max_side``."""
     from rvl.data.io import square_geometry, to_square_uint8
 
     height, width = image.shape
+    if image.dtype == np.uint8:
+        if max(height, width) <= max_side:
+            return image
+        image = image.astype(np.float32) / 255.0
     if max(height, width) <= max_side:
         return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     new_h, new_w, top, left = square_geometry(height, width, max_side)

@@ -63,7 +63,7 @@ class StudyService:
     """
 
     def __init__(self, model: Any, model_fingerprint: str, index: Any = None, reports_index: Any = None,
-                 index_errors: dict[str, str] | None = None, cache_studies: int = 128, knn_k: int = 20,
+                 index_errors: dict[str, str] | None = None, cache_studies: int = 64, knn_k: int = 20,
                  max_images: int = 4, max_upload_bytes: int = 100 << 20, model_name: str = "model"):
         from rvl.zeroshot import ZeroShotClassifier
 
@@ -137,6 +137,7 @@ class StudyService:
                      patient_id: str | None = None, study_date: str | None = None) -> StudyEntry:
         """Decode and embed an uploaded study (or find it in the cache by content)."""
         from rvl.data.io import to_square_uint8
+        from rvl.serve.render import display_uint8
         from rvl.serve.uploads import read_uploads, upload_digest
 
         key = f"upload:{upload_digest(files, views)}"
@@ -144,9 +145,10 @@ class StudyService:
         if entry is None:
             study = read_uploads(files, views, max_images=self.max_images, max_bytes=self.max_upload_bytes)
             squares = [to_square_uint8(im.image, self.model.image_size) for im in study.images]
+            displays = [display_uint8(im.image) for im in study.images]
             embedding, used = self._embed_squares(squares, study.views)
             entry = StudyEntry(key, study.views, [im.name for im in study.images], embedding,
-                               [im.image for im in study.images], squares, study.patient_id, study.study_date,
+                               displays, squares, study.patient_id, study.study_date,
                                used_views=used)
             self.studies.put(key, entry)
             logger.info("embedded an uploaded study: %d image(s), views %s", len(squares), "/".join(study.views))
@@ -197,22 +199,24 @@ class StudyService:
             self.studies.put(key, entry)
         return entry
 
-    def study_images(self, entry: StudyEntry) -> list[np.ndarray]:
-        """The display images of a study (read from the archive paths in the index metadata on first use)."""
+    def study_displays(self, entry: StudyEntry) -> list[np.ndarray]:
+        """The uint8 display views of a study (read from the archive paths in the index metadata on first use)."""
         from rvl.data.io import ImageReadError, read_image, to_square_uint8
+        from rvl.serve.render import display_uint8
 
-        if entry.images is None:
-            images = []
+        if entry.displays is None:
+            displays, squares = [], []
             for i, path in enumerate(entry.derived.get("paths", [])):
                 try:
-                    images.append(read_image(path))
+                    image = read_image(path)
                 except ImageReadError as err:
                     logger.warning("archive image unreadable: %s", err)
                     raise ServiceError(f"view {i + 1} of study {entry.study_id} cannot be read from the archive "
                                        f"({err.cause})", status=404) from None
-            entry.squares = [to_square_uint8(im, self.model.image_size) for im in images]
-            entry.images = images
-        return entry.images
+                displays.append(display_uint8(image))
+                squares.append(to_square_uint8(image, self.model.image_size))
+            entry.squares, entry.displays = squares, displays
+        return entry.displays
 
     def view_png(self, entry: StudyEntry, view: int, max_side: int = 1024) -> bytes:
         """PNG of one view at display size (cached per size)."""
@@ -223,7 +227,7 @@ class StudyService:
         max_side = int(min(max(max_side, 32), 2048))
         cache_key = f"png:{view}:{max_side}"
         if cache_key not in entry.derived:
-            entry.derived[cache_key] = png_bytes(display_uint8(self.study_images(entry)[view], max_side))
+            entry.derived[cache_key] = png_bytes(display_uint8(self.study_displays(entry)[view], max_side))
         return entry.derived[cache_key]
 
     def study_record(self, study_id: str) -> dict[str, Any]:
@@ -281,12 +285,11 @@ class StudyService:
         if len(prompt) > 300:
             raise ServiceError(f"the prompt has {len(prompt)} characters; at most 300")
         classifier = self._prompt_classifier(prompt)
-        images = self.study_images(entry)
+        displays = [display_uint8(d, 512) for d in self.study_displays(entry)]
         if "patches" not in entry.derived:
             with self._model_lock:
                 entry.derived["patches"] = patch_embeddings(self.model, images_to_tensor(self.model, entry.squares))
         grids = similarity_maps(entry.derived["patches"], classifier.positive[0])
-        displays = [display_uint8(im, 512) for im in images]
         maps = [content_map(g, *d.shape) for g, d in zip(grids, displays)]
         low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
         views = []

@@ -49,7 +49,8 @@ class LRUCache:
 class StudyEntry:
     """A study the server has seen: an upload or an archive study.
 
-    ``images`` (display float images) and ``squares`` (model inputs) are filled on first use for archive studies;
+    ``displays`` (uint8 views, long side at most 1024: full-resolution float images are not kept, a cache of 12-bit
+    radiographs would take gigabytes) and ``squares`` (model inputs) are filled on first use for archive studies;
     ``derived`` holds lazily computed arrays (patch tokens) and is shared by copies that only change patient / date.
     """
 
@@ -57,7 +58,7 @@ class StudyEntry:
     views: list[str]
     names: list[str]
     embedding: np.ndarray
-    images: list[np.ndarray] | None = None
+    displays: list[np.ndarray] | None = None
     squares: list[np.ndarray] | None = None
     patient_id: str | None = None
     study_date: str | None = None
