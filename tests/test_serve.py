@@ -257,6 +257,9 @@ def test_cli_refuses_unsafe_or_broken_setups(archive, capsys):
     assert "not a model folder" in capsys.readouterr().err
     assert main(["serve", "--model", str(archive["model"]), "--index", str(archive["report"])]) == 2
     assert "report index; expected a study index" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        assert main(["serve", "--model", str(archive["model"]), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 def test_demo_prints_a_serve_command_that_parses(archive, tmp_path):

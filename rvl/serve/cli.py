@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -104,12 +105,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for name, error in service.index_errors.items():
         print(f"rvl serve: warning: --{name.replace('_', '-')} not used: {error}", file=sys.stderr)
-    app = create_app(service, args.token)
+    try:  # bind first, so that a busy port is a clear error before anything claims to be serving
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
+                                    else socket.AF_INET)
+    except OSError as err:
+        print(f"rvl serve: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"rvl serve: {Path(args.model).name} with {len(service.index) if service.index is not None else 'no'} "
-          f"indexed studies on http://{host}:{args.port}/{'  (token required)' if args.token else ''}", flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_config=None,
+    indexed = len(service.index) if service.index is not None else "no"
+    print(f"rvl serve: {service.model_name} with {indexed} indexed studies on http://{host}:{port}/"
+          f"{'  (token required)' if args.token else ''}", flush=True)
+    config = uvicorn.Config(create_app(service, args.token), access_log=False, log_config=None,
                             log_level=logging.getLogger().getEffectiveLevel())
     server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
