@@ -210,7 +210,8 @@ class StudyService:
                 try:
                     image = read_image(path)
                 except ImageReadError as err:
-                    logger.warning("archive image unreadable: %s", err)
+                    # the index row, not the path: archive paths often hold patient ids
+                    logger.warning("archive image unreadable (index id %d, view %d): %s", entry.index_id, i, err.cause)
                     raise ServiceError(f"view {i + 1} of study {entry.study_id} cannot be read from the archive "
                                        f"({err.cause})", status=404) from None
                 displays.append(display_uint8(image))
