@@ -18,7 +18,7 @@ from urllib.parse import quote
 import numpy as np
 
 from rvl.constants import CHEXPERT_LABELS
-from rvl.serve.studies import LRUCache, ServiceError, StudyEntry, parse_date, optional_text
+from rvl.serve.studies import LRUCache, ServiceError, StudyEntry, optional_text, parse_date
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class StudyService:
 
     def archive_study(self, study_id: str) -> StudyEntry:
         """An archive study by its id: its stored embedding (no model pass) and metadata; images load on demand."""
+        from rvl.data.dataset import select_views
         from rvl.retrieval.search_cli import _as_list
 
         key = f"archive:{study_id}"
@@ -187,8 +188,6 @@ class StudyService:
             index_id, row = self._archive_row(study_id)
             paths = _as_list(row["image_paths"]) if "image_paths" in row else []
             views = _as_list(row["view_positions"]) if "view_positions" in row else ["OTHER"] * len(paths)
-            from rvl.data.dataset import select_views
-
             entry = StudyEntry(key, views, [f"view {i + 1}" for i in range(len(paths))],
                                self.index.reconstruct(np.asarray([index_id], np.int64))[0],
                                patient_id=optional_text(row.get("patient_id")),
@@ -313,6 +312,7 @@ class StudyService:
     def _search(self, query: np.ndarray, k: int, *, patient_id: str | None = None, exclude_patient: str | None = None,
                 date_from: str | None = None, date_to: str | None = None, before: dt.date | None = None,
                 exclude_ids: list[int] | None = None) -> list[dict[str, Any]]:
+        from rvl.data.dataset import select_views
         from rvl.model.core import report_text_for_model
         from rvl.retrieval import filter_ids
         from rvl.retrieval.search_cli import _as_list, _hit
@@ -323,12 +323,13 @@ class StudyService:
         first, last = parse_date(date_from, "date_from"), parse_date(date_to, "date_to")
         if first and last and first > last:
             raise ServiceError(f"date range {first} .. {last} is empty (date_from after date_to)")
-        # filter_ids bounds are strict; the page's range is inclusive
+        # filter_ids bounds are strict; the page's range is inclusive of whole days (dates may carry times)
         bounds = [d for d in (last + dt.timedelta(days=1) if last else None, before) if d is not None]
+        after = dt.datetime.combine(first, dt.time.min) - dt.timedelta(microseconds=1) if first else None
         try:
             allowed, excluded = filter_ids(index.metadata, patient_id=patient_id, exclude_patient=exclude_patient,
                                            before=min(bounds).isoformat() if bounds else None,
-                                           after=(first - dt.timedelta(days=1)).isoformat() if first else None,
+                                           after=after.isoformat() if after else None,
                                            exclude_ids=exclude_ids)
         except ValueError as err:
             raise ServiceError(str(err)) from None
@@ -345,8 +346,6 @@ class StudyService:
                 hit["summary"] = report_text_for_model(hit["report"])  # findings + impression, for the result card
             views = _as_list(row["view_positions"]) if "view_positions" in row else []
             if hit.get("study_id") is not None:
-                from rvl.data.dataset import select_views
-
                 first_view = select_views(views, 1, None)[0] if views else 0
                 hit["thumbnail"] = f"/api/study/{quote(hit['study_id'], safe='')}/image/{first_view}"
             hit["views"] = views
