@@ -35,7 +35,8 @@ def archive(tmp_path_factory):
     from rvl.retrieval.embed import load_model, model_fingerprint
 
     root = tmp_path_factory.mktemp("serve")
-    manifest = generate_phantoms(root / "ph", N_STUDIES, size=128, seed=3, fmt="both", progress=False)
+    manifest = generate_phantoms(root / "ph", N_STUDIES, size=128, seed=3, fmt="both", monochrome1_fraction=0.5,
+                                 progress=False)
     model_dir = create_model("rvl-tiny").save_pretrained(root / "model")
     model = load_model(model_dir, "cpu")
     for kind in ("study", "report"):
@@ -85,8 +86,14 @@ def test_zeroshot_of_an_uploaded_dicom_study_matches_the_model(client, service, 
 
     from rvl.retrieval.embed import study_tensors
 
-    result = client.post("/api/zeroshot", files=study_files(archive)).json()
-    row = archive["frame"].iloc[0]
+    import pydicom
+
+    frame = archive["frame"]
+    # a study whose frontal DICOM is MONOCHROME1 (stored inverted)
+    first = next(i for i, paths in enumerate(frame["dicom_paths"])
+                 if pydicom.dcmread(paths[0], stop_before_pixels=True).PhotometricInterpretation == "MONOCHROME1")
+    result = client.post("/api/zeroshot", files=study_files(archive, first)).json()
+    row = frame.iloc[first]
     study = result["study"]
     assert [v["view"] for v in study["views"]] == ["PA", "LL"]  # read from the DICOM ViewPosition
     assert study["patient_id"] == row["patient_id"] and study["study_date"] == row["study_date"]
@@ -97,18 +104,27 @@ def test_zeroshot_of_an_uploaded_dicom_study_matches_the_model(client, service, 
     expected = service.classifier.predict_proba(emb)[0]
     np.testing.assert_allclose([result["prompt"][c] for c in CHEXPERT_LABELS], expected, atol=2e-4)
     assert set(result["knn"]) == set(CHEXPERT_LABELS) and all(0 <= p <= 1 for p in result["knn"].values())
-    # the rendered view is the DICOM as read_image sees it (VOI LUT applied), served by upload id
+    # the rendered view is the display image (VOI LUT applied, MONOCHROME1 inverted back): the phantom's PNG
     png = client.get(study["views"][0]["image"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     from PIL import Image
 
-    from rvl.data.io import read_image
-
-    shown = np.asarray(Image.open(io.BytesIO(png.content)))
-    np.testing.assert_allclose(shown / 255.0, read_image(row["dicom_paths"][0]), atol=1 / 255 + 1e-6)
+    shown = np.asarray(Image.open(io.BytesIO(png.content))).astype(int)
+    truth = np.asarray(Image.open(row["image_paths"][0])).astype(int)
+    assert np.abs(shown - truth).max() <= 1
     # a second request by upload id reuses the cached study
     again = client.post("/api/zeroshot", data={"upload_id": study["upload_id"]}).json()
     assert again["prompt"] == result["prompt"]
+
+
+def test_jpeg_upload_with_a_chosen_view(client, archive):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(archive["frame"].iloc[3]["image_paths"][0]).convert("L").save(buffer, format="JPEG", quality=90)
+    result = client.post("/api/zeroshot", files=[("files", ("frontal.jpg", buffer.getvalue()))], data={"views": "AP"})
+    assert result.status_code == 200, result.text
+    assert result.json()["study"]["views"][0]["view"] == "AP" and result.json()["study"]["patient_id"] is None
 
 
 def test_heatmap_for_a_label_and_free_text(client, archive):
