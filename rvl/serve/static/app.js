@@ -216,6 +216,7 @@ function showStudy(result, record) {
   state.activeFinding = null;
   state.patientId = result.study.patient_id;
   $("heatmap-title").textContent = "";
+  $("heat-legend").hidden = true;
   const study = result.study;
   const info = $("study-info");
   const who = [study.study_id ? `archive study ${study.study_id}` : "uploaded study",
@@ -269,6 +270,7 @@ async function showHeatmap(prompt) {
   state.activeFinding = prompt;
   document.querySelectorAll(".finding").forEach((row) => row.classList.toggle("active", row.dataset.label === prompt));
   $("heatmap-title").textContent = `· “${result.prompt}” p = ${result.probability.toFixed(2)}`;
+  $("heat-legend").hidden = !$("show-heatmap").checked;
   for (const view of result.views) {
     const figure = document.querySelector(`.view[data-index="${view.index}"]`);
     if (!figure) continue;
@@ -375,6 +377,7 @@ function init() {
   });
   $("show-heatmap").addEventListener("change", (e) => {
     document.querySelectorAll("img.heatmap").forEach((img) => { img.hidden = !e.target.checked; });
+    $("heat-legend").hidden = !e.target.checked || !document.querySelector("img.heatmap");
   });
   $("filters").addEventListener("submit", (e) => { e.preventDefault(); findSimilar(); });
   $("exclude-patient").addEventListener("change", (e) => { if (e.target.checked) $("priors-only").checked = false; });
