@@ -80,6 +80,24 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for uvicorn.
+
+    Made with ``proto=IPPROTO_TCP``: asyncio switches Nagle's algorithm off only on connections whose socket says so,
+    and ``socket.create_server`` leaves ``proto`` 0, which measured 45 ms more per request (delayed ACKs).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     problem = _check_arguments(args)
     if problem:
@@ -106,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     for name, error in service.index_errors.items():
         print(f"rvl serve: warning: --{name.replace('_', '-')} not used: {error}", file=sys.stderr)
     try:  # bind first, so that a busy port is a clear error before anything claims to be serving
-        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
-                                    else socket.AF_INET)
+        sock = _listen(args.host, args.port)
     except OSError as err:
         print(f"rvl serve: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
         return 2
