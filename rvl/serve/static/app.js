@@ -155,6 +155,12 @@ async function loadHealth() {
   if (index && !index.loaded) showMessage(`Similar-study search is off: ${index.error}`);
   if (reports && !reports.loaded) showMessage(`The kNN vote is off: ${reports.error}`);
   state.labels = health.labels;
+  state.hasIndex = Boolean(index && index.loaded);
+  if (!state.hasIndex) {
+    $("results").replaceChildren(el("p", {class: "empty"}, index ? "Similar-study search is off (see the message " +
+      "above)." : "No study index: start rvl serve with --index to find similar studies."));
+    document.querySelectorAll("#search-form button, #search-text").forEach((node) => { node.disabled = true; });
+  }
   renderFindings(null);
 }
 
@@ -227,7 +233,7 @@ function showStudy(result, record) {
   renderFindings(result);
   $("prompt-text").disabled = false;
   $("prompt-button").disabled = false;
-  $("apply-filters").disabled = false;
+  $("apply-filters").disabled = !state.hasIndex;
 }
 
 function renderViews(views) {
@@ -291,7 +297,7 @@ function filterFields() {
 }
 
 async function findSimilar() {
-  if (!state.study) return;
+  if (!state.study || !state.hasIndex) return;
   $("results-title").textContent = "4 · Similar archive studies";
   const result = await busy("searching similar studies", () => postStudy("/api/similar", filterFields()));
   renderResults(result ? result.results : null, result ? "No archive study passes these filters." : null);
