@@ -9,7 +9,7 @@ DEMO_DIR ?= demo_out
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[cpu,dicom,test,pretrained]'
+	$(BIN)/pip install -q -e '.[cpu,dicom,test,pretrained,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -78,18 +78,31 @@ def images_to_tensor(model: Any, squares: Sequence[np.ndarray]):
 
 def study_tensors(model: Any, paths: Sequence[str | os.PathLike], views: Sequence[str] | None = None,
                   max_views: int | None = None) -> dict[str, Any]:
-    """Images of one study -> ``encode_study`` inputs with a batch of 1 (frontal views first)."""
+    """Images of one study -> ``encode_study`` inputs with a batch of 1 (frontal views first); only the views that
+    fit ``max_views`` are read."""
+    from rvl.constants import normalize_view
+    from rvl.data.dataset import select_views
+
+    views = [normalize_view(v) for v in (views or ["OTHER"] * len(paths))]
+    order = select_views(views, max_views or len(paths), None)
+    batch = study_batch(model, [read_square(paths[i], model.image_size) for i in order], [views[i] for i in order])
+    return {**batch, "order": order}
+
+
+def study_batch(model: Any, squares: Sequence[np.ndarray], views: Sequence[str] | None = None,
+                max_views: int | None = None) -> dict[str, Any]:
+    """Square uint8 views of one study (:func:`read_square`) -> ``encode_study`` inputs with a batch of 1, frontal
+    views first; ``"order"`` lists which of ``squares`` were used, in slot order."""
     import torch
 
     from rvl.constants import normalize_view, view_type_id
     from rvl.data.dataset import select_views
 
-    views = [normalize_view(v) for v in (views or ["OTHER"] * len(paths))]
-    order = select_views(views, max_views or len(paths), None)  # frontal views first, then file order
-    squares = [read_square(paths[i], model.image_size) for i in order]
-    images = images_to_tensor(model, squares)
+    views = [normalize_view(v) for v in (views or ["OTHER"] * len(squares))]
+    order = select_views(views, max_views or len(squares), None)  # frontal views first, then file order
+    images = images_to_tensor(model, [squares[i] for i in order])
     return {"images": images[None], "view_mask": torch.ones(1, len(order), dtype=torch.bool),
-            "view_types": torch.tensor([[view_type_id(views[i]) for i in order]], dtype=torch.long)}
+            "view_types": torch.tensor([[view_type_id(views[i]) for i in order]], dtype=torch.long), "order": order}
 
 
 def embed_dataset(model: Any, dataset: Any, batch_size: int = 32, num_workers: int = 0,

@@ -18,13 +18,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def patch_similarity(model: Any, images: Any, text_embeddings: np.ndarray) -> np.ndarray:
-    """Similarity of every patch with a text embedding: images ``[N, 3, H, W]`` and ``(N, D)`` or ``(D,)`` text
-    embeddings -> ``(N, gh, gw)``.
+def patch_embeddings(model: Any, images: Any) -> np.ndarray:
+    """Patch tokens of images ``[N, 3, H, W]`` in the joint space, ``(N, gh, gw, D)`` float32, in the form that
+    :func:`similarity_maps` compares with text (normalised for ViT tokens, raw for additive CNN cells).
 
-    ViT patch tokens: cosine similarity. Towers whose cells average to the view embedding (``model.additive_patches``,
-    the CNN of rvl-demo): the dot product of the unnormalised cell with the normalised text, i.e. the cell's share of
-    the image-text score (on the demo phantoms 0.19 pointing-game accuracy against 0.12 for the cosine).
+    Separate from the comparison so that a caller (``rvl serve``) can keep a study's patches and map many prompts.
     """
     import torch
 
@@ -34,13 +32,28 @@ def patch_similarity(model: Any, images: Any, text_embeddings: np.ndarray) -> np
     try:
         with torch.no_grad():
             additive = bool(getattr(model, "additive_patches", False))
-            patches = model.encode_patches(images.to(device), normalize=not additive).float().cpu().numpy()
+            return model.encode_patches(images.to(device), normalize=not additive).float().cpu().numpy()
     finally:
         model.train(was_training)
+
+
+def similarity_maps(patches: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """``(N, gh, gw, D)`` patch embeddings vs ``(N, D)`` or ``(D,)`` text embeddings -> ``(N, gh, gw)``."""
     text = np.asarray(text_embeddings, np.float32)
     text = np.broadcast_to(text if text.ndim == 2 else text[None], (len(patches), patches.shape[-1]))
     text = text / np.maximum(np.linalg.norm(text, axis=-1, keepdims=True), 1e-12)
     return np.einsum("nhwd,nd->nhw", patches, text)
+
+
+def patch_similarity(model: Any, images: Any, text_embeddings: np.ndarray) -> np.ndarray:
+    """Similarity of every patch with a text embedding: images ``[N, 3, H, W]`` and ``(N, D)`` or ``(D,)`` text
+    embeddings -> ``(N, gh, gw)``.
+
+    ViT patch tokens: cosine similarity. Towers whose cells average to the view embedding (``model.additive_patches``,
+    the CNN of rvl-demo): the dot product of the unnormalised cell with the normalised text, i.e. the cell's share of
+    the image-text score (on the demo phantoms 0.19 pointing-game accuracy against 0.12 for the cosine).
+    """
+    return similarity_maps(patch_embeddings(model, images), text_embeddings)
 
 
 def upsample(grid: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

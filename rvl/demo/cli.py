@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, max_steps=args.max_steps, force=args.force)
     print(summary_table(metrics))
     print(f"\nreport: {Path(args.output) / 'report.html'}\nmetrics: {Path(args.output) / 'metrics.json'}")
+    from rvl.serve.cli import demo_serve_command
+
+    print(f"browse the archive: {demo_serve_command(Path(args.output))}")
     return 0
 
 
