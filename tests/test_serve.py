@@ -117,6 +117,30 @@ def test_zeroshot_of_an_uploaded_dicom_study_matches_the_model(client, service, 
     assert again["prompt"] == result["prompt"]
 
 
+def test_uploads_leave_no_files_behind(client, archive, tmp_path, monkeypatch):
+    import tempfile
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    seen = []
+    real = tempfile.TemporaryDirectory
+
+    def watched(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        seen.append(Path(folder.name))
+        return folder
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", watched)
+    files = study_files(archive, 5)
+    # views no other test asks for: a new upload, not one found in the cache
+    assert client.post("/api/zeroshot", files=files, data={"views": ["OTHER", "OTHER"]}).status_code == 200
+    cut = [("files", ("cut.dcm", files[0][1][1][:3000]))]
+    assert client.post("/api/zeroshot", files=cut).status_code == 400
+    assert len(seen) == 2 and all(folder.parent == spool and not folder.exists() for folder in seen)
+    assert list(spool.iterdir()) == []
+
+
 def test_jpeg_upload_with_a_chosen_view(client, archive):
     from PIL import Image
 
