@@ -217,7 +217,7 @@ def test_text_search_and_archive_study(client, archive):
 
 
 @pytest.mark.parametrize("case", ["not_image", "truncated_dicom", "too_many", "too_large", "unknown_study",
-                                  "unknown_view", "nothing", "two_sources", "expired_upload"])
+                                  "unknown_view", "nothing", "two_sources", "expired_upload", "path_as_study"])
 def test_bad_requests_get_clear_messages(client, archive, case):
     frame = archive["frame"]
     dicom = Path(frame.iloc[0]["dicom_paths"][0]).read_bytes()
@@ -245,6 +245,12 @@ def test_bad_requests_get_clear_messages(client, archive, case):
     elif case == "two_sources":
         response = client.post("/api/zeroshot", data={"study_id": "a", "upload_id": "b"})
         expected = (400, "exactly one of")
+    elif case == "path_as_study":  # a file path is only ever a study id to look up, never a path to read
+        path = frame.iloc[0]["image_paths"][0]
+        response = client.get(f"/api/study/{path.replace('/', '%2F')}/image/0")
+        assert response.status_code == 404 and not response.content.startswith(b"\x89PNG")
+        response = client.post("/api/heatmap", data={"study_id": path, "prompt": "Edema"})
+        expected = (404, "not in the index")
     else:
         response = client.post("/api/heatmap", data={"upload_id": "0" * 32, "prompt": "Edema"})
         expected = (404, "upload the images again")
