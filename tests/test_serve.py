@@ -214,6 +214,8 @@ def test_text_search_and_archive_study(client, archive):
         io.BytesIO(image.content))).shape) == 64
     zeroshot = client.post("/api/zeroshot", data={"study_id": row["study_id"]}).json()
     assert zeroshot["study"]["study_id"] == row["study_id"]
+    heatmap = client.post("/api/heatmap", data={"study_id": row["study_id"], "prompt": "Cardiomegaly"}).json()
+    assert len(heatmap["views"]) == len(row["image_paths"])  # the archive views, read from the index metadata
 
 
 @pytest.mark.parametrize("case", ["not_image", "truncated_dicom", "too_many", "too_large", "unknown_study",
