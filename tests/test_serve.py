@@ -117,6 +117,30 @@ def test_zeroshot_of_an_uploaded_dicom_study_matches_the_model(client, service, 
     assert again["prompt"] == result["prompt"]
 
 
+def test_uploads_leave_no_files_behind(client, archive, tmp_path, monkeypatch):
+    import tempfile
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    seen = []
+    real = tempfile.TemporaryDirectory
+
+    def watched(*args, **kwargs):
+        folder = real(*args, **kwargs)
+        seen.append(Path(folder.name))
+        return folder
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", watched)
+    files = study_files(archive, 5)
+    # views no other test asks for: a new upload, not one found in the cache
+    assert client.post("/api/zeroshot", files=files, data={"views": ["OTHER"] * len(files)}).status_code == 200
+    cut = [("files", ("cut.dcm", files[0][1][1][:3000]))]
+    assert client.post("/api/zeroshot", files=cut).status_code == 400
+    assert len(seen) == 2 and all(folder.parent == spool and not folder.exists() for folder in seen)
+    assert list(spool.iterdir()) == []
+
+
 def test_jpeg_upload_with_a_chosen_view(client, archive):
     from PIL import Image
 
@@ -190,10 +214,12 @@ def test_text_search_and_archive_study(client, archive):
         io.BytesIO(image.content))).shape) == 64
     zeroshot = client.post("/api/zeroshot", data={"study_id": row["study_id"]}).json()
     assert zeroshot["study"]["study_id"] == row["study_id"]
+    heatmap = client.post("/api/heatmap", data={"study_id": row["study_id"], "prompt": "Cardiomegaly"}).json()
+    assert len(heatmap["views"]) == len(row["image_paths"])  # the archive views, read from the index metadata
 
 
 @pytest.mark.parametrize("case", ["not_image", "truncated_dicom", "too_many", "too_large", "unknown_study",
-                                  "unknown_view", "nothing", "two_sources", "expired_upload"])
+                                  "unknown_view", "nothing", "two_sources", "expired_upload", "path_as_study"])
 def test_bad_requests_get_clear_messages(client, archive, case):
     frame = archive["frame"]
     dicom = Path(frame.iloc[0]["dicom_paths"][0]).read_bytes()
@@ -221,6 +247,12 @@ def test_bad_requests_get_clear_messages(client, archive, case):
     elif case == "two_sources":
         response = client.post("/api/zeroshot", data={"study_id": "a", "upload_id": "b"})
         expected = (400, "exactly one of")
+    elif case == "path_as_study":  # a file path is only ever a study id to look up, never a path to read
+        path = frame.iloc[0]["image_paths"][0]
+        response = client.get(f"/api/study/{path.replace('/', '%2F')}/image/0")
+        assert response.status_code == 404 and not response.content.startswith(b"\x89PNG")
+        response = client.post("/api/heatmap", data={"study_id": path, "prompt": "Edema"})
+        expected = (404, "not in the index")
     else:
         response = client.post("/api/heatmap", data={"upload_id": "0" * 32, "prompt": "Edema"})
         expected = (404, "upload the images again")
