@@ -302,7 +302,7 @@ def test_cli_refuses_unsafe_or_broken_setups(archive, capsys):
     assert main(["serve", "--model", str(archive["model"]), "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
     assert main(["serve", "--model", str(archive["root"] / "missing")]) == 2
-    assert "not a model folder" in capsys.readouterr().err
+    assert "not an rvl or open_clip model folder" in capsys.readouterr().err
     assert main(["serve", "--model", str(archive["model"]), "--index", str(archive["report"])]) == 2
     assert "report index; expected a study index" in capsys.readouterr().err
     with socket.create_server(("127.0.0.1", 0)) as busy:
