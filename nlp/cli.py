@@ -7,7 +7,8 @@ INPUT: CSV / Parquet / JSONL with a header row (text column default ``report``),
 one-column CSV. OUTPUT (CSV or Parquet by extension; default ``INPUT_STEM.labels.csv|parquet`` next to INPUT): id and
 text columns + the 14 label columns (+ ``evidence`` JSON, + ``section_<key>`` columns when asked). Memory stays
 constant: CSV is read in chunks, Parquet by record batches, JSONL line by line, and output is appended chunk by chunk
-to a temporary file that replaces OUTPUT at the end. Bad rows never stop the run and are never dropped.
+to a temporary file that replaces OUTPUT at the end; ``OUTPUT.sha256`` records its checksum. Bad rows
+never stop the run and are never dropped.
 """
 from __future__ import annotations
 
@@ -199,7 +200,10 @@ class _Writer:
         if ok:
             if self.writer is None and self.file is None:
                 raise RuntimeError("nothing written")
+            from rvl.integrity import write_sidecar
+
             os.replace(self.tmp, self.path)
+            write_sidecar(self.path)  # OUT.sha256 (sha256sum -c format): `rvl verify OUT` checks it
         elif self.tmp.exists():
             self.tmp.unlink()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rvl.config import Config, add_config_arguments, config_from_args, save_config
 from rvl.train_support import (CHECKPOINT_PREFIX, Collate, EpochSampler, SeededStudies, TrainState, evaluate,
-                               list_checkpoints, save_checkpoint)
+                               list_checkpoints, save_checkpoint, verify_checkpoint)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data.source or not Path(cfg.data.source).exists():
         print(f"rvl pretrain: --data must be a prepared cache or manifest, got {cfg.data.source!r}", file=sys.stderr)
         return 2
-    return train(cfg)
+    from rvl.integrity import IntegrityError
+
+    try:
+        return train(cfg)
+    except IntegrityError as err:  # an altered cache file or checkpoint: never train on it, never resume from it
+        print(f"rvl pretrain: error: {err}", file=sys.stderr)
+        return 2
 
 
 def model_overrides(cfg) -> dict:
@@ -158,6 +164,7 @@ def train(cfg: Config) -> int:
     if cfg.train.resume:
         found = list_checkpoints(ckpt_dir)
         if found:
+            verify_checkpoint(found[-1], ckpt_dir)
             accelerator.load_state(str(found[-1]))
             logger.info(f"resumed from {found[-1]} (step {state.step})")
         else:

@@ -121,10 +121,10 @@ class StudyDataset(torch.utils.data.Dataset):
     # -------------------------------------------------------------------------------------------------- reading
     def _cache_column(self):
         if self._pixels is None:
-            import datasets
+            from rvl.data.cache_files import load_cache
 
-            table = datasets.load_from_disk(str(self.source / "dataset")).data.table
-            self._pixels = table.column("pixels")
+            data, _ = load_cache(self.source)  # checked once per process (workers re-open, the hash is remembered)
+            self._pixels = data.data.table.column("pixels")
         return self._pixels
 
     def _study_images(self, i: int, chosen: list[int]) -> list[np.ndarray | None]:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from rvl.fileio import replace_dir
+from rvl.integrity import write_checksums
 
 __all__ = ["save_pretrained", "OPEN_CLIP_CONFIG_NAME", "OPEN_CLIP_WEIGHTS_NAME", "RVL_CONFIG_NAME",
            "RVL_WEIGHTS_SUBDIR", "RVL_WEIGHTS_NAME"]
@@ -27,7 +28,8 @@ def save_pretrained(model, save_dir: str | Path) -> Path:
 
     Layout: ``open_clip_config.json``, ``open_clip_model.safetensors``, tokenizer files, the HF text tower's
     ``config.json`` (so the folder loads without the original text-tower path), ``rvl_config.json`` and
-    ``rvl/rvl_heads.safetensors`` (fusion, view-type embedding, caption decoder).
+    ``rvl/rvl_heads.safetensors`` (fusion, view-type embedding, caption decoder), and ``checksums.json`` (sha256 of
+    every other file).
     """
     import safetensors.torch
     from open_clip.push_to_hf_hub import save_for_hf
@@ -49,5 +51,6 @@ def save_pretrained(model, save_dir: str | Path) -> Path:
     (tmp / RVL_WEIGHTS_SUBDIR).mkdir()
     heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
     safetensors.torch.save_file(heads, str(tmp / RVL_WEIGHTS_SUBDIR / RVL_WEIGHTS_NAME))
+    write_checksums(tmp)  # checksums.json: from_pretrained and `rvl verify` check every file against it
     replace_dir(tmp, save_dir)
     return save_dir

@@ -1,0 +1,109 @@
+"""The two halves of one cache shard of ``rvl prepare``: reading a study's images (a worker task) and writing a
+finished shard. Shared by :mod:`rvl.data.cache` (build, resume) and :mod:`rvl.data.cache_repair` (rebuild the studies of
+a corrupt file), so that a repaired file holds exactly the bytes a fresh run writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rvl.fileio import replace_dir, write_text_atomic
+from rvl.integrity import ALGORITHM, file_digest
+
+__all__ = ["prepare_study", "save_dataset", "write_shard", "shard_arrow_intact"]
+
+
+def prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[bytes], list[int], str,
+                                                                   list[tuple[str, str]]]:
+    """Read, resize and pad one study's images. Returns (row, pixels, kept image indices, boxes JSON, failures)."""
+    from rvl.data.io import ImageReadError, box_to_square, read_image, to_square_uint8
+
+    row, paths, boxes_json, size = task
+    try:
+        boxes = json.loads(boxes_json) if boxes_json else []
+    except json.JSONDecodeError:
+        boxes = []
+    pixels, kept, new_boxes, failures = [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            image = read_image(path)
+        except ImageReadError as e:
+            failures.append((path, e.cause))
+            continue
+        except Exception as e:  # a decoder bug must not kill a 300k-image run; it is reported like any failure
+            failures.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        height, width = image.shape
+        pixels.append(to_square_uint8(image, size).tobytes())
+        kept.append(i)
+        image_boxes = boxes[i] if i < len(boxes) and isinstance(boxes[i], list) else []
+        new_boxes.append([{**b, "box": box_to_square(b["box"], height, width, size)}
+                          if isinstance(b, dict) and b.get("box") is not None else b for b in image_boxes])
+    return row, pixels, kept, json.dumps(new_boxes), failures
+
+
+
+
+def write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tuple], schema) -> None:
+    """Write one finished shard (Arrow stream file, the format ``datasets`` memory-maps) and its skip list."""
+    import pyarrow as pa
+
+    rows = rows.copy()
+    order = list(rows.index)
+    rows["pixels"] = [results[r][0] for r in order]
+    keep_images = [results[r][1] for r in order]
+    rows["image_paths"] = [[paths[i] for i in kept] for paths, kept in zip(rows["image_paths"], keep_images)]
+    rows["view_positions"] = [[views[i] for i in kept] for views, kept in zip(rows["view_positions"], keep_images)]
+    rows["finding_boxes"] = [results[r][2] for r in order]
+    skipped = [{"path": path, "study_id": str(sid), "reason": reason}
+               for r, sid in zip(order, rows["study_id"]) for path, reason in results[r][3]]
+    n_dropped = int(sum(1 for kept in keep_images if not kept))
+    rows = rows[[len(kept) > 0 for kept in keep_images]]
+    table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+    tmp = shard_dir / f".{fingerprint}.arrow.tmp-{os.getpid()}"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=64)
+    dropped_rows = [int(r) for r, kept in zip(order, keep_images) if not kept]
+    write_text_atomic(shard_dir / f"{fingerprint}.skipped.json",
+                      json.dumps({"skipped": skipped, "dropped_studies": n_dropped, "dropped_rows": dropped_rows,
+                                  "arrow": {"size": tmp.stat().st_size, ALGORITHM: file_digest(tmp)}}))
+    os.replace(tmp, shard_dir / f"{fingerprint}.arrow")  # last: the .arrow file marks the shard as complete
+
+
+def shard_arrow_intact(shard_dir: Path, fingerprint: str) -> bool:
+    """Whether a finished shard's ``.arrow`` file still matches the checksum recorded when it was written."""
+    arrow, record = shard_dir / f"{fingerprint}.arrow", shard_dir / f"{fingerprint}.skipped.json"
+    try:
+        expected = json.loads(record.read_text())["arrow"]
+        return arrow.stat().st_size == expected["size"] and file_digest(arrow) == expected[ALGORITHM]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def save_dataset(data, out_dir: Path, fingerprint: str, num_shards: int | None = None) -> tuple[list[str], list[int]]:
+    """Write ``data`` as ``out_dir/dataset`` (hidden temporary folder, then an atomic swap).
+
+    ``state.json`` gets the cache's content fingerprint instead of the one ``datasets`` derives from file paths, so
+    the same studies always give the same bytes (a resumed or repaired cache is bit-identical to a fresh one).
+
+    Returns:
+        The data files (relative to ``out_dir``) in row order and the rows in each.
+    """
+    import shutil
+
+    import datasets
+
+    tmp = out_dir / f".dataset.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        data.save_to_disk(str(tmp), num_shards=num_shards)
+        state = json.loads((tmp / "state.json").read_text())
+        state["_fingerprint"] = fingerprint[:16]
+        write_text_atomic(tmp / "state.json", json.dumps(state, indent=2, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves no half folder behind
+        raise
+    replace_dir(tmp, out_dir / "dataset")
+    files = [f"dataset/{f['filename']}" for f in state["_data_files"]]
+    return files, [datasets.Dataset.from_file(str(out_dir / f)).num_rows for f in files]
