@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heatmap": ("rvl.heatmap", "grounding heatmap PNG: where on a radiograph a text prompt matches"),
     "evaluate": ("rvl.evaluate", "zero-shot AUC with bootstrap CIs, retrieval R@K and pointing game on a split"),
     "demo": ("rvl.demo.cli", "run the whole pipeline on built-in phantoms and write an evaluation report"),
+    "verify": ("rvl.verify", "check caches, runs, models, indexes and label outputs against their recorded checksums"),
 }
 
 

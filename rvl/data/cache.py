@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -35,20 +33,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rvl.fileio import write_text_atomic
 from rvl.integrity import IntegrityError, file_table
 
 from rvl.data.cache_files import load_cache, read_cache_frame, verify_cache  # noqa: F401  (re-exported: reading side)
-from rvl.data.cache_shards import prepare_study as _prepare_study, save_dataset, shard_arrow_intact
+from rvl.data.cache_shards import CACHE_VERSION, cache_schema, plan_shards, save_dataset, shard_arrow_intact
+from rvl.data.cache_shards import prepare_study as _prepare_study
 from rvl.data.cache_shards import write_shard as _write_shard
 
 __all__ = ["PrepareError", "prepare", "read_cache_frame", "load_cache", "add_arguments", "run", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the pixel pipeline changes: invalidates every shard fingerprint
 DEFAULT_SHARD_STUDIES = 256
 
 
@@ -56,27 +52,11 @@ class PrepareError(RuntimeError):
     """A fatal problem while preparing the cache (with ``strict``, the first unreadable image)."""
 
 
-# ------------------------------------------------------------------------------------------------------ fingerprints
-def _study_fingerprint(record: dict[str, Any], size: int) -> str:
-    stats = []
-    for path in record["image_paths"]:
-        try:
-            st = os.stat(path)
-            stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append(None)
-    payload = json.dumps([CACHE_VERSION, size, record, stats], sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()
-
-
-def _combine(fingerprints: list[str]) -> str:
-    return hashlib.sha1("".join(fingerprints).encode()).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------- prepare
 def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size: int = 256, workers: int | None = None,
             strict: bool = False, format: str = "auto", shard_studies: int = DEFAULT_SHARD_STUDIES,
-            keep_shards: bool = False, progress: bool = True, **reader_kwargs: Any) -> dict[str, Any]:
+            keep_shards: bool = False, progress: bool = True, max_shard_size: int | str | None = None,
+            **reader_kwargs: Any) -> dict[str, Any]:
     """Read every image of a manifest once into a resized on-disk ``datasets`` cache (see the module docstring).
 
     Args:
@@ -89,6 +69,8 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
         shard_studies: studies per resumable shard.
         keep_shards: keep ``DIR/shards`` after finishing (cheap incremental re-runs, twice the disk space).
         progress: tqdm progress bar.
+        max_shard_size: largest data file of ``DIR/dataset`` (``datasets`` default 500 MB); ``--repair`` rebuilds
+            whole data files, so smaller files make a repair cheaper.
         **reader_kwargs: passed to ``read_manifest`` (e.g. ``reports=`` for a DICOM folder).
 
     Returns:
@@ -108,11 +90,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    records = [_jsonable(r) for r in frame.to_dict(orient="records")]
-    study_fps = [_study_fingerprint(r, size) for r in records]
-    bounds = [(s, min(s + shard_studies, len(records))) for s in range(0, len(records), max(1, shard_studies))]
-    shard_fps = [_combine(study_fps[a:b]) for a, b in bounds]
-    fingerprint = _combine(shard_fps)
+    records, bounds, shard_fps, fingerprint = plan_shards(frame, size, shard_studies)
     info_path, dataset_dir = out_dir / "prepare.json", out_dir / "dataset"
     if info_path.exists() and dataset_dir.exists():
         info = json.loads(info_path.read_text())
@@ -125,8 +103,7 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
             info.update(up_to_date=True, seconds=round(time.perf_counter() - start, 2))
             return info
 
-    schema = pa.Schema.from_pandas(frame, preserve_index=False).remove_metadata().append(
-        pa.field("pixels", pa.list_(pa.binary())))
+    schema = cache_schema(frame)
     todo = [k for k, fp in enumerate(shard_fps) if not (shard_dir / f"{fp}.arrow").exists()]
     for k in sorted(set(range(len(shard_fps))) - set(todo)):  # a finished shard altered on disk is built again
         if not shard_arrow_intact(shard_dir, shard_fps[k]):
@@ -164,12 +141,12 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
             pool.terminate()
             pool.join()
 
-    info = _finalize(out_dir, shard_dir, shard_fps, fingerprint, progress)
+    info = _finalize(out_dir, shard_dir, shard_fps, fingerprint, progress, max_shard_size)
     info.update(checksums=file_table(out_dir, [*info.pop("files"), "skipped.csv"]))
     info.update(size=size, fingerprint=fingerprint, source_manifest=str(manifest) if not isinstance(
         manifest, pd.DataFrame) else "<DataFrame>", format=format, cache_version=CACHE_VERSION,
-        shards_reused=len(shard_fps) - len(todo), shards_built=len(todo), workers=n_workers,
-        seconds=round(time.perf_counter() - start, 2), up_to_date=False)
+        shard_studies=shard_studies, shards_reused=len(shard_fps) - len(todo), shards_built=len(todo),
+        workers=n_workers, seconds=round(time.perf_counter() - start, 2), up_to_date=False)
     write_text_atomic(info_path, json.dumps(info, indent=2))
     if not keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -181,19 +158,6 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     return info
 
 
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        elif isinstance(value, float) and math.isnan(value):
-            value = None
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
-
-
 def _default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -201,8 +165,8 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint: str,
-              progress: bool) -> dict[str, Any]:
+def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint: str, progress: bool,
+              max_shard_size: int | str | None) -> dict[str, Any]:
     """Concatenate the shards into DIR/dataset (atomic swap) and write DIR/skipped.csv."""
     import datasets
 
@@ -210,13 +174,14 @@ def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint:
     if not progress:
         datasets.disable_progress_bars()
     try:
-        return _concatenate_shards(out_dir, shard_dir, shard_fps, fingerprint)
+        return _concatenate_shards(out_dir, shard_dir, shard_fps, fingerprint, max_shard_size)
     finally:
         if bars_were_on and not progress:
             datasets.enable_progress_bars()
 
 
-def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint: str) -> dict[str, Any]:
+def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint: str,
+                        max_shard_size: int | str | None) -> dict[str, Any]:
     import datasets
 
     parts = [datasets.Dataset.from_file(str(shard_dir / f"{fp}.arrow")) for fp in shard_fps]
@@ -239,7 +204,7 @@ def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str], fi
         writer.writerows(skipped)
     os.replace(tmp_csv, out_dir / "skipped.csv")
 
-    data_files, rows = save_dataset(data, out_dir, fingerprint)
+    data_files, rows = save_dataset(data, out_dir, fingerprint, max_shard_size=max_shard_size)
     del data, parts  # release the memory maps of the shards before they are deleted
     n_images = 0
     loaded = datasets.load_from_disk(str(out_dir / "dataset"))
@@ -267,6 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-studies", type=int, default=DEFAULT_SHARD_STUDIES,
                         help="studies per resumable shard")
     parser.add_argument("--keep-shards", action="store_true", help="keep DIR/shards for cheap incremental re-runs")
+    parser.add_argument("--repair", action="store_true", help="check DIR against the checksums in prepare.json and "
+                        "rebuild only the damaged or missing data files (from the same manifest)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -276,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"reports": args.reports} if args.reports else {}
     if args.image_column != "image_paths":
         kwargs["image_column"] = args.image_column
+    if args.repair:
+        return _run_repair(args, kwargs)
     try:
         info = prepare(args.manifest, args.out, size=args.size, workers=args.workers, strict=args.strict,
                        format=args.format, shard_studies=args.shard_studies, keep_shards=args.keep_shards,
@@ -295,3 +264,22 @@ def run(args: argparse.Namespace) -> int:
           + (f"; reused {info['shards_reused']} finished shard(s)" if info["shards_reused"] else ""))
     return 0
 
+
+
+def _run_repair(args: argparse.Namespace, reader_kwargs: dict[str, Any]) -> int:
+    from rvl.data.cache_repair import repair_cache
+    from rvl.data.manifest import ManifestError
+
+    try:
+        info = repair_cache(args.manifest, args.out, PrepareError, format=args.format,
+                            progress=not args.no_progress, **reader_kwargs)
+    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError) as e:
+        print(f"rvl prepare --repair: error: {e}", file=sys.stderr)
+        return 2
+    if not info["repaired"]:
+        print(f"{args.out}: nothing to repair, all {len(info['checksums']['files'])} files match their checksums")
+    else:
+        print(f"{args.out}: rebuilt {', '.join(info['repaired'])} in {info['seconds']} s; "
+              + (f"new checksums recorded for {', '.join(info['differ'])} (sources changed)" if info["differ"] else
+                 "every file matches the checksum recorded when the cache was written"))
+    return 0

@@ -24,7 +24,8 @@ def rebuild_command(cache_dir: str | os.PathLike, info: dict[str, Any] | None = 
     """The ``rvl prepare --repair`` command line that rebuilds the corrupt parts of a cache."""
     info = info or {}
     manifest = info.get("source_manifest", "MANIFEST")
-    return f"rvl prepare {manifest} --out {cache_dir} --size {info.get('size', 'SIZE')} --repair"
+    fmt = f" --format {info['format']}" if info.get("format", "auto") != "auto" else ""
+    return f"rvl prepare {manifest} --out {cache_dir} --size {info.get('size', 'SIZE')}{fmt} --repair"
 
 
 def read_prepare_info(cache_dir: str | os.PathLike) -> dict[str, Any]:

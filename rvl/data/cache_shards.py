@@ -8,10 +8,67 @@ import json
 import os
 from pathlib import Path
 
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
 from rvl.fileio import replace_dir, write_text_atomic
 from rvl.integrity import ALGORITHM, file_digest
 
-__all__ = ["prepare_study", "save_dataset", "write_shard", "shard_arrow_intact"]
+__all__ = ["CACHE_VERSION", "cache_schema", "plan_shards", "prepare_study", "save_dataset", "write_shard",
+           "shard_arrow_intact"]
+
+CACHE_VERSION = 1  # bump when the pixel pipeline changes: invalidates every shard fingerprint
+
+
+def plan_shards(frame, size: int, shard_studies: int) -> tuple[list[dict[str, Any]], list[tuple[int, int]], list[str],
+                                                                 str]:
+    """(JSON-able records, shard row bounds, shard fingerprints, overall fingerprint) of a manifest at ``size``."""
+    records = [jsonable(r) for r in frame.to_dict(orient="records")]
+    study_fps = [study_fingerprint(r, size) for r in records]
+    bounds = [(s, min(s + shard_studies, len(records))) for s in range(0, len(records), max(1, shard_studies))]
+    shard_fps = [combine(study_fps[a:b]) for a, b in bounds]
+    return records, bounds, shard_fps, combine(shard_fps)
+
+
+def cache_schema(frame):
+    """Arrow schema of the cache rows: the manifest columns plus ``pixels``."""
+    import pyarrow as pa
+
+    return pa.Schema.from_pandas(frame, preserve_index=False).remove_metadata().append(
+        pa.field("pixels", pa.list_(pa.binary())))
+
+
+def study_fingerprint(record: dict[str, Any], size: int) -> str:
+    stats = []
+    for path in record["image_paths"]:
+        try:
+            st = os.stat(path)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    payload = json.dumps([CACHE_VERSION, size, record, stats], sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def combine(fingerprints: list[str]) -> str:
+    return hashlib.sha1("".join(fingerprints).encode()).hexdigest()
+
+
+def jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
 
 
 def prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[bytes], list[int], str,
@@ -81,7 +138,8 @@ def shard_arrow_intact(shard_dir: Path, fingerprint: str) -> bool:
         return False
 
 
-def save_dataset(data, out_dir: Path, fingerprint: str, num_shards: int | None = None) -> tuple[list[str], list[int]]:
+def save_dataset(data, out_dir: Path, fingerprint: str, num_shards: int | None = None,
+                 max_shard_size: int | str | None = None) -> tuple[list[str], list[int]]:
     """Write ``data`` as ``out_dir/dataset`` (hidden temporary folder, then an atomic swap).
 
     ``state.json`` gets the cache's content fingerprint instead of the one ``datasets`` derives from file paths, so
@@ -97,9 +155,10 @@ def save_dataset(data, out_dir: Path, fingerprint: str, num_shards: int | None =
     tmp = out_dir / f".dataset.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        data.save_to_disk(str(tmp), num_shards=num_shards)
+        data.save_to_disk(str(tmp), num_shards=num_shards, max_shard_size=None if num_shards else max_shard_size)
         state = json.loads((tmp / "state.json").read_text())
-        state["_fingerprint"] = fingerprint[:16]
+        state.update(_fingerprint=fingerprint[:16], _format_columns=None, _format_kwargs={}, _format_type=None,
+                     _output_all_columns=False)  # the plain format, however the rows were concatenated
         write_text_atomic(tmp / "state.json", json.dumps(state, indent=2, sort_keys=True))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves no half folder behind
