@@ -1,4 +1,4 @@
-"""``rvl verify`` on damaged copies of each artifact kind, and ``rvl prepare --repair`` rebuilding only what is damaged."""
+"""``rvl verify`` on damaged copies of each artifact kind; ``rvl prepare --repair`` rebuilds only what is damaged."""
 from __future__ import annotations
 
 import shutil
