@@ -23,14 +23,16 @@ METADATA_COLUMNS = ("study_id", "patient_id", "study_date", "split", "image_path
 
 def build_index_from_data(model: Any, data: str, kind: str = "study", factory: str | None = None,
                           split: str | None = None, batch_size: int = 32, model_dir: str | None = None,
-                          fingerprint: str | None = None, device: str | None = None, label_source: str = "auto"):
+                          fingerprint: str | None = None, device: str | None = None, label_source: str = "auto",
+                          degenerate: str = "refuse"):
     """Embed ``data`` with ``model`` and return an :class:`EmbeddingIndex` (ids = manifest row numbers).
 
     Metadata per id: study id, patient id, date, split, image paths, views, report and the CheXpert label columns
     (``label_source``: ``"manifest"`` columns, ``"nlp"`` = ``rvl.nlp`` labels of the reports, ``"auto"`` = manifest
     columns when present, else ``rvl.nlp``), which kNN zero-shot votes with.
     ``device="cpu"`` forces the CPU; otherwise Accelerate picks this process's device. Returns ``None`` on
-    non-main processes of a multi-process launch.
+    non-main processes of a multi-process launch. ``degenerate`` (refuse / skip / allow): what to do with a view
+    smaller than 32 px or with every pixel equal (see :class:`rvl.data.StudyDataset`).
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -47,7 +49,8 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
     accelerator = Accelerator(cpu=device == "cpu")  # one process per GPU under `accelerate launch`
     model = model.to(accelerator.device).eval()
     max_views = int(getattr(model, "rvl_cfg", {}).get("max_views", 2))
-    dataset = StudyDataset(data, split=split, max_views=max_views, image_transform=model.preprocess, train=False)
+    dataset = StudyDataset(data, split=split, max_views=max_views, image_transform=model.preprocess, train=False,
+                           degenerate=degenerate if kind == "study" else "allow")
     frame = dataset.frame.reset_index(drop=True)
     with accelerator.split_between_processes(list(range(len(dataset)))) as mine:
         if kind == "study":
@@ -59,6 +62,8 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
     parts = gather_object([part])
     if not accelerator.is_main_process:
         return None
+    if dataset.skipped_degenerate:
+        logger.warning("left out %d degenerate view(s) (--degenerate skip)", dataset.skipped_degenerate)
     rows = np.concatenate([np.asarray(p[0], np.int64) for p in parts])
     vectors = np.concatenate([p[1] for p in parts])
     rows, first = np.unique(rows, return_index=True)  # a study substituted for an unreadable one appears twice
@@ -93,12 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--label-source", choices=("auto", "manifest", "nlp"), default="auto",
                        help="label columns stored with each study (kNN voting): the manifest's, rvl.nlp labels of "
                        "the reports, or auto (manifest when present, else rvl.nlp)")
+    build.add_argument("--degenerate", choices=("refuse", "skip", "allow"), default="refuse",
+                       help="views smaller than 32 px or with every pixel equal: refuse (error naming the file, "
+                       "default), skip (leave the view out, counted), allow (index them)")
     build.add_argument("--batch-size", type=int, default=32)
     build.add_argument("--device", default=None, help="torch device for a single process (default: cuda if "
                        "available); multi-GPU: accelerate launch")
 
 
 def run(args: argparse.Namespace) -> int:
+    from rvl.data.io import DegenerateImageError
     from rvl.data.manifest import ManifestError
     from rvl.retrieval.embed import load_model, model_fingerprint
 
@@ -106,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, args.device or "cpu")  # Accelerate moves it to this process's device
         index = build_index_from_data(model, args.data, args.kind, args.factory, args.split, args.batch_size,
                                       model_dir=args.model, fingerprint=model_fingerprint(args.model),
-                                      device=args.device, label_source=args.label_source)
+                                      device=args.device, label_source=args.label_source,
+                                      degenerate=args.degenerate)
+    except DegenerateImageError as err:
+        print(f"rvl index build: error: {err}; pass --degenerate skip to leave such views out, or --degenerate "
+              "allow to index them", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ManifestError, ValueError) as err:
         print(f"rvl index build: error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReadError", "read_image", "is_dicom_file", "to_square_uint8", "square_geometry", "box_to_square"]
+__all__ = ["ImageReadError", "DegenerateImageError", "read_image", "is_dicom_file", "to_square_uint8",
+           "square_geometry", "box_to_square", "check_not_degenerate", "MIN_IMAGE_SIDE"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,12 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 # edges, which plain min-max would let dominate the contrast.
 ROBUST_PERCENTILES = (0.5, 99.5)
 DICOM_EXTRA_HINT = "install the DICOM decoders with: pip install 'rvl-cxr[dicom]'"
+# Smallest side an image may have to be scored or indexed: below it the model sees an upscaled blur of a few pixels, and
+# its zero-shot probabilities or neighbours would look like those of a real study.
+MIN_IMAGE_SIDE = 32
+# A DICOM header may claim any size; pixel data past this many pixels is refused before it is allocated (a
+# decompression bomb: 30,000 x 30,000 x 16 bit would be 1.8 GB). 2**28 px = 16k x 16k, twice the largest detector.
+MAX_IMAGE_PIXELS = 2 ** 28
 
 
 class ImageReadError(ValueError):
@@ -32,6 +39,30 @@ class ImageReadError(ValueError):
         self.path = str(path)
         self.cause = cause
         super().__init__(f"{self.path}: {cause}")
+
+
+class DegenerateImageError(ImageReadError):
+    """An image that decodes but cannot be a radiograph: smaller than ``MIN_IMAGE_SIDE`` or without any variation."""
+
+
+def check_not_degenerate(image: np.ndarray, path: str | os.PathLike, min_side: int = MIN_IMAGE_SIDE,
+                         override: str = "") -> None:
+    """Raise :class:`DegenerateImageError` for an image too small to score or with every pixel equal.
+
+    Args:
+        image: the decoded (H, W) image (before any resize: the original size is what is checked).
+        path: named in the message.
+        min_side: smallest accepted height and width.
+        override: how the caller lets such images through (appended to the message, e.g. "pass --allow-degenerate").
+    """
+    height, width = image.shape[:2]
+    hint = f"; {override}" if override else ""
+    if min(height, width) < min_side:
+        raise DegenerateImageError(path, f"{width} x {height} px is smaller than the {min_side} px minimum for "
+                                         f"zero-shot / indexing{hint}")
+    if image.size and float(image.max()) == float(image.min()):
+        raise DegenerateImageError(path, f"every pixel has the same value ({float(image.flat[0]):.3g}): no image "
+                                         f"content to score{hint}")
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
