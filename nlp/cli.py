@@ -64,31 +64,63 @@ def _suffix(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- readers
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_MAX_HEADER_FIELD = 64 << 20  # a headerless file may start with a long report: the csv module's default is 128 kB
+
+
+def _text_encoding(path: Path, wide_ok: bool = True) -> str:
+    """The file's encoding from its byte-order mark (UTF-8 otherwise); UTF-16/32 without a BOM is refused instead of
+    being read as UTF-8 text full of NUL bytes (which would label garbage)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.name.lower().endswith(".gz"):
+        return "utf-8"
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if encoding in ("utf-16", "utf-32") and not wide_ok:
+        raise InputError(f"{path}: {encoding.upper()} encoded; convert it to UTF-8 (e.g. iconv -f {encoding.upper()} "
+                         "-t UTF-8)")
+    if encoding is None and len(head) >= 16 and head.count(0) > len(head) // 4:
+        raise InputError(f"{path}: {head.count(0)} NUL bytes in the first {len(head)}: looks like UTF-16/32 text "
+                         "without a byte-order mark; convert it to UTF-8 (e.g. iconv -f UTF-16LE -t UTF-8)")
+    return encoding or "utf-8"
+
+
 def _open_csv(path: Path, text_column: str | None, id_column: str | None, chunk_size: int):
     """Return (iterator of chunks, text column name, total rows or None). Detects headerless one-column files."""
     import pandas as pd
 
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        first = next(csv.reader(f), None)
+    encoding = _text_encoding(path)
+    limit = csv.field_size_limit(_MAX_HEADER_FIELD)
+    try:
+        with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
+            first = next(csv.reader(f), None)
+    except csv.Error as exc:
+        raise InputError(f"{path}: cannot read the first row as CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     if first is None:
         return iter(()), text_column or "report", 0
     wanted = text_column or "report"
     header = [c.strip() for c in first]
     # dtype=object keeps Python strings: pandas' Arrow strings reject the surrogate-escaped bytes of non-UTF-8 rows.
-    common = dict(dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8",
+    common = dict(dtype=object, keep_default_na=False, na_filter=False, encoding=encoding,
                   encoding_errors="surrogateescape", chunksize=chunk_size)
-    if wanted in header:
-        missing = [c for c in (id_column,) if c and c not in header]
-        if missing:
-            raise InputError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(header)})")
-        columns = [c for c in (id_column, wanted) if c]
-        reader = pd.read_csv(path, usecols=columns, **common)
-    elif text_column is None and len(header) == 1 and id_column is None:
-        # CheXpert-labeler style: one unnamed column of reports, no header row.
-        reader = pd.read_csv(path, header=None, names=[wanted], **common)
-    else:
-        raise InputError(f"{path}: text column {wanted!r} not found (columns: {', '.join(header[:20])}); "
-                         "use --text-column")
+    try:
+        if wanted in header:
+            missing = [c for c in (id_column,) if c and c not in header]
+            if missing:
+                raise InputError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(header)})")
+            columns = [c for c in (id_column, wanted) if c]
+            reader = pd.read_csv(path, usecols=columns, **common)
+        elif text_column is None and len(header) == 1 and id_column is None:
+            # CheXpert-labeler style: one unnamed column of reports, no header row.
+            reader = pd.read_csv(path, header=None, names=[wanted], **common)
+        else:
+            raise InputError(f"{path}: text column {wanted!r} not found (columns: {', '.join(header[:20])}); "
+                             "use --text-column")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:  # the parser reads ahead: a bad first block fails here
+        raise InputError(f"{path}: malformed CSV ({str(exc).splitlines()[0]})") from None
     return (chunk for chunk in reader), wanted, None
 
 
@@ -115,6 +147,7 @@ def _open_jsonl(path: Path, text_column: str | None, id_column: str | None, chun
     import pandas as pd
 
     wanted = text_column or "report"
+    _text_encoding(path, wide_ok=False)  # lines are split on b"\n": only UTF-8 (with or without BOM) can be read
     opener = gzip.open if path.name.lower().endswith(".gz") else open
 
     def records() -> Iterator[dict]:
@@ -189,7 +222,7 @@ class _Writer:
         else:
             if self.file is None:
                 self.file = open(self.tmp, "w", newline="", encoding="utf-8")
-            frame.to_csv(self.file, header=self.rows == 0, index=False)
+            frame.to_csv(self.file, header=self.file.tell() == 0, index=False)  # once, even after empty chunks
         self.rows += len(frame)
 
     def close(self, ok: bool) -> None:

@@ -113,6 +113,8 @@ def _read_pillow(path: Path) -> np.ndarray:
             return _pil_to_float(img, path)
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (Pillow cannot identify the format)") from None
+    except Image.DecompressionBombError as e:  # refused by Pillow from the header, before any pixel is allocated
+        raise ImageReadError(path, f"refused before decoding: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data surfaces as OSError from the decoder
         if isinstance(e, ImageReadError):
             raise
@@ -148,7 +150,10 @@ def _read_dicom(path: Path) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     try:
+        _check_dicom_size(path)
         ds = pydicom.dcmread(path)
+    except ImageReadError:
+        raise
     except InvalidDicomError as e:
         raise ImageReadError(path, f"not a valid DICOM file ({e})") from None
     except Exception as e:  # pydicom raises EOFError/OSError/struct errors/ValueError on truncated headers
@@ -173,11 +178,47 @@ def _read_dicom(path: Path) -> np.ndarray:
     return _dicom_mono_to_display(arr, ds, photometric)
 
 
+def _check_dicom_size(path: Path) -> None:
+    """Refuse a DICOM whose header claims more than ``MAX_IMAGE_PIXELS`` per frame, or whose deflated body inflates
+    past the bytes such an image could need, before the pixel data is read or allocated (decompression bombs)."""
+    import zlib
+
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        limit, inflated = MAX_IMAGE_PIXELS * 8, 0
+        with open(path, "rb") as f:
+            # preamble + "DICM" + the (plain) meta group: group length element (12 bytes) + its value; then the rest
+            # is deflated: inflate it in bounded steps
+            f.seek(128 + 4 + 12 + int(meta.FileMetaInformationGroupLength))
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            while chunk := f.read(1 << 20):
+                while chunk:
+                    inflated += len(inflater.decompress(chunk, 1 << 24))
+                    chunk = inflater.unconsumed_tail
+                    if inflated > limit:
+                        raise ImageReadError(path, f"deflated data inflates past {limit >> 20} MB: refused before "
+                                                   "decoding (decompression bomb?)")
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    if rows * cols * samples > MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, f"header claims {cols} x {rows} px x {samples} sample(s), over the "
+                                   f"{MAX_IMAGE_PIXELS >> 20} M px limit: refused before decoding (decompression "
+                                   "bomb or corrupt header)")
+
+
 def _decode_dicom_pixels(ds, path: Path, n_frames: int) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(tsyntax, "name", str(tsyntax))
+    pydicom_logger = logging.getLogger("pydicom")
+    level = pydicom_logger.level
+    # pydicom logs each failing decoder plugin with a full traceback; the ImageReadError below carries their messages
+    pydicom_logger.setLevel(logging.CRITICAL)
     try:
         if n_frames > 1:
             # decode only the first frame: a 60-frame fluoro series must not cost 60 decodes
@@ -193,6 +234,8 @@ def _decode_dicom_pixels(ds, path: Path, n_frames: int) -> np.ndarray:
     except Exception as e:  # short pixel data, bad fragments, decoder errors
         raise ImageReadError(path, f"truncated or corrupt DICOM pixel data ({ts_name}: {type(e).__name__}: "
                                    f"{e})") from None
+    finally:
+        pydicom_logger.setLevel(level)
 
 
 def _dicom_mono_to_display(arr: np.ndarray, ds, photometric: str) -> np.ndarray:
