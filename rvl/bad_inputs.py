@@ -4,18 +4,17 @@ Used by ``tests/test_fuzz.py`` (a fast subset) and ``bench/fault_matrix.py`` (al
 that a user could hand to rvl by mistake (zero-byte / truncated / random files under image extensions, DICOMs that
 are odd or hostile, broken manifests, report files in other encodings or shapes) with what must happen: ``error``
 (refused: exit 2 and a message naming the file or row, never a traceback), ``ok`` (an unusual but valid input that
-must work), ``degenerate`` (readable, but refused for zero-shot). :func:`run_cli` runs one ``rvl`` command in this
-process and classifies the outcome.
+must work), ``degenerate`` (readable, but refused for zero-shot). :mod:`rvl.bad_inputs_run` feeds them to the
+readers and commands and judges the outcome.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["Case", "Outcome", "build_corpus", "image_cases", "manifest_cases", "report_cases", "run_cli",
-           "write_dicom", "good_images"]
+__all__ = ["Case", "build_corpus", "image_cases", "manifest_cases", "report_cases", "write_dicom", "good_images"]
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".bmp", ".dcm")
@@ -41,20 +39,6 @@ class Case:
     expect: str
     token: str = ""
     rows: int | None = None  # reports: records the output must keep
-
-
-@dataclass
-class Outcome:
-    """``verdict``: refused / accepted / skipped (all fine) or traceback / silent / wrong-message (failures)."""
-
-    verdict: str
-    code: int | None = None
-    message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.verdict in ("refused", "accepted", "skipped")
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
@@ -227,8 +211,8 @@ def manifest_cases(root: Path, full: bool = False) -> list[Case]:
         elif name.endswith(".jsonl"):
             frame.to_json(path, orient="records", lines=True)
         else:
-            frame.assign(image_paths=[json.dumps(list(v)) for v in frame["image_paths"]],
-                         view_positions=[json.dumps(list(v)) for v in frame["view_positions"]]).to_csv(path, index=False)
+            as_json = {c: [json.dumps(list(v)) for v in frame[c]] for c in ("image_paths", "view_positions")}
+            frame.assign(**as_json).to_csv(path, index=False)
         cases.append(Case(f"manifest:{name}", "manifest", path, expect, token))
 
     add("no_image_column.parquet", base.drop(columns=["image_paths"]), "missing required column")
@@ -304,136 +288,3 @@ def build_corpus(root: Path, full: bool = False) -> list[Case]:
     """Every case, written under ``root`` (images/, manifests/, reports/)."""
     return [*image_cases(root / "images", full), *manifest_cases(root / "manifests", full),
             *report_cases(root / "reports", full)]
-
-
-def run_cli(argv: list[str]) -> Outcome:
-    """Run ``rvl ARGV`` in this process; ``verdict`` is filled by the caller, ``traceback`` when it raised."""
-    import logging
-
-    from rvl.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(err)
-    logging.getLogger().addHandler(handler)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 2
-    except Exception as exc:  # noqa: BLE001 - an escaped exception is exactly what the corpus hunts for
-        return Outcome("traceback", None, f"{type(exc).__name__}: {exc}")
-    finally:
-        logging.getLogger().removeHandler(handler)
-    text = err.getvalue()
-    return Outcome("traceback" if "Traceback" in text else "", code, text, {"stdout": out.getvalue()})
-
-
-# -------------------------------------------------------------------------------------------------------- the harness
-ENTRIES = {"image": ("read", "zeroshot", "prepare", "prepare-strict"), "manifest": ("prepare", "index"),
-           "reports": ("label",)}
-
-
-def _refusal(case: Case, outcome: Outcome) -> Outcome:
-    if outcome.verdict == "traceback":
-        return outcome
-    if outcome.code == 0:
-        outcome.verdict = "silent"
-    elif outcome.code == 2 and case.token in outcome.message:
-        outcome.verdict = "refused"
-    else:
-        outcome.verdict = "wrong-message"
-    return outcome
-
-
-def run_case(case: Case, entry: str, work: Path, model_dir: Path | None = None) -> Outcome:
-    """Feed one case to one entry (see ``ENTRIES``) and judge the outcome against ``case.expect``."""
-    work.mkdir(parents=True, exist_ok=True)
-    refuse = case.expect in ("error", "degenerate") if entry == "zeroshot" else case.expect == "error"
-    if entry == "read":
-        return _read(case)
-    if entry == "zeroshot":
-        outcome = run_cli(["zeroshot", "--model", str(model_dir), "--images", str(case.path), "--json"])
-    elif entry == "prepare-strict":
-        manifest = _image_manifest([case], work)
-        outcome = run_cli(["prepare", str(manifest), "--out", str(work / "strict"), "--strict", "--workers", "0",
-                           "--no-progress"])
-    elif entry == "prepare":
-        outcome = run_cli(["prepare", str(case.path), "--out", str(work / "cache"), "--workers", "0",
-                           "--no-progress", "--size", "32"])
-    elif entry == "index":
-        outcome = run_cli(["index", "build", "--model", str(model_dir), "--data", str(case.path), "--out",
-                           str(work / "index"), "--device", "cpu"])
-    elif entry == "label":
-        out = work / (case.path.stem + ".labels.csv")
-        outcome = run_cli(["label", str(case.path), "--output", str(out), "--no-progress"])
-        if not refuse and outcome.verdict != "traceback" and outcome.code == 0:
-            return _labelled(case, outcome, out)
-    else:
-        raise ValueError(f"unknown entry {entry!r}")
-    if refuse:
-        return _refusal(case, outcome)
-    if outcome.verdict != "traceback":
-        outcome.verdict = "accepted" if outcome.code == 0 else "wrong-message"
-    return outcome
-
-
-def _read(case: Case) -> Outcome:
-    from rvl.data.io import ImageReadError, read_image
-
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = read_image(case.path)
-    except ImageReadError as exc:
-        good = case.expect == "error" and str(case.path) in str(exc)
-        return Outcome("refused" if good else "wrong-message", 2, str(exc))
-    except Exception as exc:  # noqa: BLE001
-        return Outcome("traceback", None, f"{type(exc).__name__}: {exc}")
-    valid = image.dtype == np.float32 and image.ndim == 2 and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
-    return Outcome("accepted" if case.expect != "error" and valid else "silent", 0, f"shape {image.shape}")
-
-
-def _labelled(case: Case, outcome: Outcome, out: Path) -> Outcome:
-    from rvl.integrity import check_sidecar
-
-    try:
-        rows = len(pd.read_csv(out, dtype=object, keep_default_na=False))
-        check_sidecar(out)
-    except Exception as exc:  # noqa: BLE001
-        return Outcome("silent", outcome.code, f"output unreadable: {exc}")
-    outcome.verdict = "accepted" if rows == case.rows else "silent"
-    outcome.extra["rows"] = rows
-    return outcome
-
-
-def _image_manifest(cases: list[Case], work: Path) -> Path:
-    """A manifest: one good study, then one study per image case (so a strict run fails on the case, not before)."""
-    from rvl.data.manifest import write_manifest
-
-    good = good_images(work / "good")[0]
-    paths = [[str(good)], *[[str(c.path)] for c in cases]]
-    frame = pd.DataFrame({"patient_id": [f"p{i}" for i in range(len(paths))],
-                          "study_id": [f"s{i}" for i in range(len(paths))], "image_paths": paths,
-                          "view_positions": [["PA"]] * len(paths), "report": ["FINDINGS: clear."] * len(paths)})
-    write_manifest(frame, work)
-    return work / "manifest.parquet"
-
-
-def run_prepare_batch(cases: list[Case], work: Path) -> dict[str, Outcome]:
-    """One ``rvl prepare`` over a manifest holding every image case as its own study: each bad image must be
-    skipped and listed in skipped.csv (a counted skip), each readable one kept."""
-    manifest = _image_manifest(cases, work)
-    outcome = run_cli(["prepare", str(manifest), "--out", str(work / "cache"), "--workers", "0", "--no-progress",
-                       "--size", "32"])
-    if outcome.verdict == "traceback" or outcome.code != 0:
-        return {c.name: Outcome(outcome.verdict or "wrong-message", outcome.code, outcome.message) for c in cases}
-    skipped = set(pd.read_csv(work / "cache" / "skipped.csv", dtype=str)["path"])
-    results = {}
-    for case in cases:
-        listed = str(case.path) in skipped
-        good = listed if case.expect == "error" else not listed
-        results[case.name] = Outcome(("skipped" if listed else "accepted") if good else "silent", 0,
-                                     "listed in skipped.csv" if listed else "kept in the cache")
-    return results

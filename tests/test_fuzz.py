@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rvl.bad_inputs import image_cases, manifest_cases, report_cases, run_case, run_prepare_batch
+from rvl.bad_inputs import image_cases, manifest_cases, report_cases
+from rvl.bad_inputs_run import run_case, run_prepare_batch
 from rvl.constants import CHEXPERT_LABELS
 from rvl.data.schema import ManifestError, finalize_manifest
 
