@@ -107,6 +107,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rvl.fileio import OutputBusyError, exclusive_output
+
+    out = Path(args.out).absolute()
+    try:  # the folder is swapped in whole, so its lock lives beside it: a second build is refused, not interleaved
+        with exclusive_output(out.parent / f".{out.name}.lock", f"the index {out}"):
+            return _build(args)
+    except OutputBusyError as err:
+        print(f"rvl index build: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _build(args: argparse.Namespace) -> int:
     from rvl.data.io import DegenerateImageError
     from rvl.data.manifest import ManifestError
     from rvl.retrieval.embed import load_model, model_fingerprint

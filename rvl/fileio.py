@@ -6,14 +6,19 @@ version, never a half-written one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["replace_dir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["OutputBusyError", "exclusive_output", "replace_dir", "write_json_atomic", "write_text_atomic"]
+
+
+class OutputBusyError(RuntimeError):
+    """Another process is writing the same output (its lock is held); nothing was written."""
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -55,3 +60,27 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(final, old / final.name)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_output(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (``filelock``; an OS lock, released when the process dies) while one
+    command writes an output; a second writer is refused at once instead of interleaving its files.
+
+    Raises:
+        OutputBusyError: the lock is held by another process (the message names ``what`` and the lock file).
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputBusyError(f"{what} is being written by another process (lock {lock_path} is held); wait for it "
+                              "to finish, then run this command again") from None
+    try:
+        yield
+    finally:
+        lock.release()

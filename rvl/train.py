@@ -11,6 +11,7 @@ therefore replays exactly the batches and randomness of an uninterrupted run (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -38,11 +39,15 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data.source or not Path(cfg.data.source).exists():
         print(f"rvl pretrain: --data must be a prepared cache or manifest, got {cfg.data.source!r}", file=sys.stderr)
         return 2
+    from rvl.fileio import OutputBusyError, exclusive_output
     from rvl.integrity import IntegrityError
 
-    try:
-        return train(cfg)
-    except IntegrityError as err:  # an altered cache file or checkpoint: never train on it, never resume from it
+    out_dir = Path(cfg.train.output_dir)
+    try:  # one run per output folder: the main process holds the lock (other ranks of a launch share its folder)
+        with exclusive_output(out_dir / ".pretrain.lock", f"the run folder {out_dir}") if \
+                int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            return train(cfg)
+    except (IntegrityError, OutputBusyError) as err:  # an altered cache or checkpoint, or a second run on the folder
         print(f"rvl pretrain: error: {err}", file=sys.stderr)
         return 2
 

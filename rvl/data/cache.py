@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rvl.fileio import write_text_atomic
+from rvl.fileio import OutputBusyError, exclusive_output, write_text_atomic
 from rvl.integrity import IntegrityError, file_table
 
 from rvl.data.cache_files import load_cache, read_cache_frame, verify_cache  # noqa: F401  (re-exported: reading side)
@@ -75,7 +75,19 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
 
     Returns:
         Summary dict (counts, timings, whether shards were reused); also written to ``DIR/prepare.json``.
+
+    Raises:
+        OutputBusyError: another ``rvl prepare`` is writing ``out_dir`` (``DIR/.prepare.lock``): refused at once.
     """
+    with exclusive_output(Path(out_dir) / ".prepare.lock", f"the cache {out_dir}"):
+        return _prepare(manifest, Path(out_dir), size, workers, strict, format, shard_studies, keep_shards, progress,
+                        max_shard_size, reader_kwargs)
+
+
+def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, strict: bool, format: str,
+             shard_studies: int, keep_shards: bool, progress: bool, max_shard_size: int | str | None,
+             reader_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`prepare` under the output lock."""
     import pandas as pd
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -87,7 +99,6 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
         raise PrepareError(f"size must be >= 8, got {size}")
     frame = manifest.reset_index(drop=True) if isinstance(manifest, pd.DataFrame) else \
         read_manifest(manifest, format=format, **reader_kwargs)
-    out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     records, bounds, shard_fps, fingerprint = plan_shards(frame, size, shard_studies)
@@ -249,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         info = prepare(args.manifest, args.out, size=args.size, workers=args.workers, strict=args.strict,
                        format=args.format, shard_studies=args.shard_studies, keep_shards=args.keep_shards,
                        progress=not args.no_progress, **kwargs)
-    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError) as e:
+    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError, OutputBusyError) as e:
         print(f"rvl prepare: error: {e}", file=sys.stderr)
         return 2
     if info.get("up_to_date"):
@@ -273,7 +284,7 @@ def _run_repair(args: argparse.Namespace, reader_kwargs: dict[str, Any]) -> int:
     try:
         info = repair_cache(args.manifest, args.out, PrepareError, format=args.format,
                             progress=not args.no_progress, **reader_kwargs)
-    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError) as e:
+    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError, OutputBusyError) as e:
         print(f"rvl prepare --repair: error: {e}", file=sys.stderr)
         return 2
     if not info["repaired"]:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rvl.fileio import write_text_atomic
+from rvl.fileio import exclusive_output, write_text_atomic
 from rvl.integrity import check_files, check_seal, file_table
 
 from rvl.data.cache_files import read_prepare_info
@@ -40,13 +40,19 @@ def repair_cache(manifest: Any, out_dir: str | os.PathLike, error: type[Exceptio
     Returns:
         ``prepare.json``'s content with ``repaired`` (the rebuilt files) and ``seconds``.
     """
+    with exclusive_output(Path(out_dir) / ".prepare.lock", f"the cache {out_dir}"):
+        return _repair(manifest, Path(out_dir), error, format, progress, reader_kwargs)
+
+
+def _repair(manifest: Any, out_dir: Path, error: type[Exception], format: str, progress: bool,
+            reader_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`repair_cache` under the cache's output lock."""
     import datasets
     from tqdm.auto import tqdm
 
     from rvl.data.manifest import read_manifest
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
     info = read_prepare_info(out_dir)
     full = f"delete {out_dir} and run `rvl prepare` again without --repair"
     if "checksums" not in info or "data_file_rows" not in info or "dropped_rows" not in info:
