@@ -201,7 +201,16 @@ def _printable(value: Any) -> Any:
 
 class _Writer:
     def __init__(self, path: Path):
+        from rvl.fileio import OutputBusyError, exclusive_output
+
         self.path = path
+        self._lock = exclusive_output(path.with_name(f".{path.name}.lock"), f"the label output {path}")
+        try:
+            self._lock.__enter__()  # held until close(): a second `rvl label` to the same output is refused
+        except OutputBusyError as exc:
+            raise InputError(str(exc)) from None
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run (we hold the lock)
+            stale.unlink(missing_ok=True)
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.parquet = _suffix(path) in PARQUET_SUFFIXES
         self.writer = None
@@ -226,6 +235,12 @@ class _Writer:
         self.rows += len(frame)
 
     def close(self, ok: bool) -> None:
+        try:
+            self._close(ok)
+        finally:
+            self._lock.__exit__(None, None, None)
+
+    def _close(self, ok: bool) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:

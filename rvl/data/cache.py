@@ -101,6 +101,8 @@ def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, stric
         read_manifest(manifest, format=format, **reader_kwargs)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(".*.tmp-*"), *shard_dir.glob(".*.tmp-*")]:  # left by a killed run (we hold the lock)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     records, bounds, shard_fps, fingerprint = plan_shards(frame, size, shard_studies)
     info_path, dataset_dir = out_dir / "prepare.json", out_dir / "dataset"
     if info_path.exists() and dataset_dir.exists():

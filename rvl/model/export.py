@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,4 +54,6 @@ def save_pretrained(model, save_dir: str | Path) -> Path:
     safetensors.torch.save_file(heads, str(tmp / RVL_WEIGHTS_SUBDIR / RVL_WEIGHTS_NAME))
     write_checksums(tmp)  # checksums.json: from_pretrained and `rvl verify` check every file against it
     replace_dir(tmp, save_dir)
+    for stale in save_dir.parent.glob(f".{save_dir.name}.tmp-*"):  # half-written exports of killed runs
+        shutil.rmtree(stale, ignore_errors=True)
     return save_dir
