@@ -71,8 +71,12 @@ def atomic_write_dir(target: str | os.PathLike, write_files: Callable[[Path], No
         for child in tmp.iterdir():
             _fsync_path(child)
         _fsync_path(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            from rvl.fileio import raise_if_disk_full
+
+            raise_if_disk_full(target.parent, err, f"the index {target}")  # faiss reports ENOSPC as a write error
         raise
     old = None
     if target.exists():

@@ -7,6 +7,7 @@ version, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["OutputBusyError", "exclusive_output", "replace_dir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["OutputBusyError", "exclusive_output", "raise_if_disk_full", "replace_dir", "write_json_atomic",
+           "write_text_atomic"]
+
+# Below this much free space a failed write is reported as a full disk: torch and some C writers report ENOSPC as
+# "iostream error" / "unexpected pos" without the errno.
+LOW_SPACE_BYTES = 16 << 20
 
 
 class OutputBusyError(RuntimeError):
@@ -84,3 +90,15 @@ def exclusive_output(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def raise_if_disk_full(folder: str | os.PathLike, err: BaseException, what: str) -> None:
+    """Re-raise a failed write as ``OSError(ENOSPC)`` (with ``what`` and the original error) when ``folder``'s file
+    system is (nearly) full, so the CLI reports a full disk instead of a library's internal error."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < LOW_SPACE_BYTES:
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {what} ({free} bytes free; "
+                                    f"{type(err).__name__}: {err})") from err

@@ -25,8 +25,8 @@ from typing import Any, Iterable
 from rvl.fileio import write_text_atomic
 
 __all__ = ["ALGORITHM", "CHECKSUMS_NAME", "FileStatus", "IntegrityError", "check_files", "file_digest",
-           "file_table", "read_checksums", "require_intact", "seal", "check_seal", "write_checksums",
-           "write_sidecar", "check_sidecar", "SIDECAR_SUFFIX"]
+           "file_table", "is_sealed", "read_checksums", "require_intact", "seal", "check_seal", "write_checksums",
+           "write_sidecar", "read_sidecar", "check_sidecar", "SIDECAR_SUFFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,11 @@ def _canonical(record: dict[str, Any]) -> bytes:
 def seal(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` plus ``seal``: the sha256 of its canonical JSON (catches edits of the table itself)."""
     return {**record, "seal": hashlib.sha256(_canonical(record)).hexdigest()}
+
+
+def is_sealed(record: Any) -> bool:
+    """Whether ``record`` is a dict whose ``seal`` matches its content."""
+    return isinstance(record, dict) and record.get("seal") == hashlib.sha256(_canonical(record)).hexdigest()
 
 
 def check_seal(record: Any, where: str | os.PathLike, rebuild: str | None = None) -> dict[str, Any]:
@@ -193,16 +198,33 @@ def write_sidecar(path: str | os.PathLike) -> Path:
     return sidecar
 
 
+def read_sidecar(path: str | os.PathLike, rebuild: str | None = None) -> str:
+    """The hash that ``PATH.sha256`` records for ``PATH``; :class:`IntegrityError` unless it is exactly one
+    ``sha256sum`` line for that file name."""
+    import re
+
+    path = Path(path)
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    try:
+        text = sidecar.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise IntegrityError(sidecar, "missing checksum sidecar", rebuild=rebuild) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IntegrityError(sidecar, f"unreadable checksum sidecar ({err})", rebuild=rebuild) from None
+    match = re.fullmatch(r"([0-9a-f]{64})  (.+)\n", text)
+    if match is None or match.group(2) != path.name:
+        raise IntegrityError(sidecar, f"damaged checksum sidecar (expected one line '<sha256>  {path.name}')",
+                             rebuild=rebuild)
+    return match.group(1)
+
+
 def check_sidecar(path: str | os.PathLike, rebuild: str | None = None) -> str:
     """Check a file against its ``.sha256`` sidecar: 'ok', or :class:`IntegrityError` (missing sidecar included)."""
     path = Path(path)
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     if not path.is_file():
         raise IntegrityError(path, "missing", rebuild=rebuild)
-    try:
-        expected = sidecar.read_text(encoding="utf-8").split()[0]
-    except (OSError, UnicodeDecodeError, IndexError):
-        raise IntegrityError(sidecar, "missing or unreadable checksum sidecar", rebuild=rebuild) from None
+    expected = read_sidecar(path, rebuild)
     found = file_digest(path)
     if found != expected:
         raise IntegrityError(path, "content does not match its checksum", expected, found, rebuild)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rvl.fileio import replace_dir
+from rvl.fileio import raise_if_disk_full, replace_dir
 from rvl.integrity import IntegrityError, read_checksums, require_intact, write_checksums
 
 CHECKPOINT_PREFIX = "step_"
@@ -137,7 +137,12 @@ def save_checkpoint(accelerator, ckpt_dir: Path, name: str, keep_last: int | Non
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint; the previous ones are untouched
+        raise_if_disk_full(ckpt_dir, err, f"checkpoint {final}")
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_checksums(tmp)  # before the swap: a complete checkpoint always carries its checksums

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from rvl.integrity import (CHECKSUMS_NAME, SIDECAR_SUFFIX, FileStatus, IntegrityError, check_files, check_seal,
-                           file_digest, read_checksums)
+                           file_digest, read_checksums, read_sidecar)
 
 __all__ = ["verify_path", "add_arguments", "run"]
 
@@ -82,9 +82,16 @@ def _cache_shards(folder: Path) -> list[FileStatus]:
     shard_dir = folder / "shards"
     if not shard_dir.is_dir():
         return []
-    return [FileStatus(f"shards/{p.name}", "ok" if shard_arrow_intact(shard_dir, p.stem) else "corrupt",
-                       "" if shard_arrow_intact(shard_dir, p.stem) else "rebuilt by the next `rvl prepare`")
-            for p in sorted(shard_dir.glob("*.arrow"))]
+    out = []
+    for record in sorted(shard_dir.glob("*.skipped.json")):
+        arrow = shard_dir / record.name.replace(".skipped.json", ".arrow")
+        intact = shard_arrow_intact(shard_dir, arrow.stem)
+        out.append(FileStatus(f"shards/{arrow.name}", "ok" if intact else "missing" if not arrow.exists() else
+                              "corrupt", "" if intact else "rebuilt by the next `rvl prepare`"))
+    out.extend(FileStatus(f"shards/{p.name}", "corrupt", "no .skipped.json record; rebuilt by the next `rvl prepare`")
+               for p in sorted(shard_dir.glob("*.arrow"))
+               if not (shard_dir / p.name.replace(".arrow", ".skipped.json")).exists())
+    return out
 
 
 def _verify_sidecar(path: Path) -> list[FileStatus]:
@@ -92,9 +99,9 @@ def _verify_sidecar(path: Path) -> list[FileStatus]:
     if not path.is_file():
         return [FileStatus(path.name, "missing")]
     try:
-        expected = sidecar.read_text(encoding="utf-8").split()[0]
-    except (OSError, UnicodeDecodeError, IndexError):
-        return [FileStatus(sidecar.name, "corrupt", "unreadable checksum sidecar")]
+        expected = read_sidecar(path)
+    except IntegrityError as err:
+        return [FileStatus(sidecar.name, "missing" if not sidecar.exists() else "corrupt", err.problem)]
     found = file_digest(path)
     return [FileStatus(path.name, "ok" if found == expected else "corrupt",
                        "" if found == expected else f"expected sha256 {expected}, found {found}")]
@@ -103,9 +110,10 @@ def _verify_sidecar(path: Path) -> list[FileStatus]:
 def verify_path(path: str | Path) -> list[tuple[Path, list[FileStatus]]]:
     """(artifact root, statuses) for every rvl artifact at or under ``path``; empty when there is none."""
     path = Path(path)
-    if path.is_file() or path.name.endswith(SIDECAR_SUFFIX):
+    if not path.is_dir():  # a label output (or its sidecar); a deleted output whose sidecar remains is "missing"
         target = path.with_name(path.name.removesuffix(SIDECAR_SUFFIX))
-        return [(target, _verify_sidecar(target))] if target.with_name(target.name + SIDECAR_SUFFIX).exists() else []
+        sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
+        return [(target, _verify_sidecar(target))] if target.exists() or sidecar.exists() else []
     found, stack = [], [path]
     while stack:
         folder = stack.pop()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rvl.fileio import replace_dir, write_text_atomic
-from rvl.integrity import ALGORITHM, file_digest
+from rvl.integrity import ALGORITHM, file_digest, is_sealed, seal
 
 __all__ = ["CACHE_VERSION", "cache_schema", "plan_shards", "prepare_study", "save_dataset", "write_shard",
            "shard_arrow_intact"]
@@ -123,8 +123,8 @@ def write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tupl
         writer.write_table(table, max_chunksize=64)
     dropped_rows = [int(r) for r, kept in zip(order, keep_images) if not kept]
     write_text_atomic(shard_dir / f"{fingerprint}.skipped.json",
-                      json.dumps({"skipped": skipped, "dropped_studies": n_dropped, "dropped_rows": dropped_rows,
-                                  "arrow": {"size": tmp.stat().st_size, ALGORITHM: file_digest(tmp)}}))
+                      json.dumps(seal({"skipped": skipped, "dropped_studies": n_dropped, "dropped_rows": dropped_rows,
+                                       "arrow": {"size": tmp.stat().st_size, ALGORITHM: file_digest(tmp)}})))
     os.replace(tmp, shard_dir / f"{fingerprint}.arrow")  # last: the .arrow file marks the shard as complete
 
 
@@ -132,9 +132,12 @@ def shard_arrow_intact(shard_dir: Path, fingerprint: str) -> bool:
     """Whether a finished shard's ``.arrow`` file still matches the checksum recorded when it was written."""
     arrow, record = shard_dir / f"{fingerprint}.arrow", shard_dir / f"{fingerprint}.skipped.json"
     try:
-        expected = json.loads(record.read_text())["arrow"]
+        entry = json.loads(record.read_text())
+        if not is_sealed(entry):
+            return False  # the skip list itself was altered
+        expected = entry["arrow"]
         return arrow.stat().st_size == expected["size"] and file_digest(arrow) == expected[ALGORITHM]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
