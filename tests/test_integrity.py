@@ -29,8 +29,8 @@ def test_file_table_statuses_and_seal(tmp_path):
     (tmp_path / "stray.txt").write_text("x")
     statuses = {s.path: s.status for s in check_files(tmp_path, table)}
     assert statuses == {"a.bin": "corrupt", "b.bin": "missing", "sub/c.bin": "ok", "stray.txt": "extra"}
-    with pytest.raises(IntegrityError, match=r"a\.bin: content does not match.*expected sha256 [0-9a-f]{64}, found "
-                                             r"[0-9a-f]{64}\); rebuild with: make it again"):
+    with pytest.raises(IntegrityError, match=r"a\.bin: content does not match.*expected xxh3_128 [0-9a-f]{32}, found "
+                                             r"[0-9a-f]{32}\); rebuild with: make it again"):
         require_intact(tmp_path, table, "make it again")
 
     edited = json.loads((tmp_path / "checksums.json").read_text())

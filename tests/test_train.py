@@ -138,7 +138,7 @@ def test_resume_refuses_an_altered_checkpoint(phantoms, full_run, tmp_path, caps
     code = rvl_main(pretrain_cmd(phantoms, run, "--grad-accum", "2", "--resume")[3:])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "step_00000009/model.safetensors: content does not match" in err and "expected sha256" in err
+    assert "step_00000009/model.safetensors: content does not match" in err and "expected xxh3_128" in err
     assert "continues from step_00000006" in err
 
 

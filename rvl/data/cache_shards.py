@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rvl.fileio import replace_dir, write_text_atomic
-from rvl.integrity import ALGORITHM, file_digest, is_sealed, seal
+from rvl.integrity import FAST, fast_digest, is_sealed, seal
 
 __all__ = ["CACHE_VERSION", "cache_schema", "plan_shards", "prepare_study", "save_dataset", "write_shard",
            "shard_arrow_intact"]
@@ -124,7 +124,7 @@ def write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tupl
     dropped_rows = [int(r) for r, kept in zip(order, keep_images) if not kept]
     write_text_atomic(shard_dir / f"{fingerprint}.skipped.json",
                       json.dumps(seal({"skipped": skipped, "dropped_studies": n_dropped, "dropped_rows": dropped_rows,
-                                       "arrow": {"size": tmp.stat().st_size, ALGORITHM: file_digest(tmp)}})))
+                                       "arrow": {"size": tmp.stat().st_size, FAST: fast_digest(tmp)}})))
     os.replace(tmp, shard_dir / f"{fingerprint}.arrow")  # last: the .arrow file marks the shard as complete
 
 
@@ -136,7 +136,7 @@ def shard_arrow_intact(shard_dir: Path, fingerprint: str) -> bool:
         if not is_sealed(entry):
             return False  # the skip list itself was altered
         expected = entry["arrow"]
-        return arrow.stat().st_size == expected["size"] and file_digest(arrow) == expected[ALGORITHM]
+        return arrow.stat().st_size == expected["size"] and fast_digest(arrow) == expected[FAST]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
