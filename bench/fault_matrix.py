@@ -118,7 +118,8 @@ def commands(paths: dict[str, Path], ref: Path) -> list[KillSpec]:
              str(ref / "prepare" / "cache"), "--device", "cpu"]
     return [
         KillSpec("prepare", lambda o: [*RVL, *prepare, "--out", str(o / "cache")],
-                 lambda o: [*RVL, *prepare, "--out", str(o / "cache")], lambda a, b: same_cache(a / "cache", b / "cache")),
+                 lambda o: [*RVL, *prepare, "--out", str(o / "cache")],
+                 lambda a, b: same_cache(a / "cache", b / "cache")),
         KillSpec("label", lambda o: [*RVL, *label, "--output", str(o / "labels.csv")],
                  lambda o: [*RVL, *label, "--output", str(o / "labels.csv")],
                  lambda a, b: same_files(a, b, ["labels.csv", "labels.csv.sha256"])),

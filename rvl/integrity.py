@@ -28,9 +28,9 @@ from typing import Any, Iterable
 
 from rvl.fileio import write_text_atomic
 
-__all__ = ["ALGORITHM", "FAST", "CHECKSUMS_NAME", "fast_digest", "FileStatus", "IntegrityError", "check_files", "file_digest",
-           "file_table", "is_sealed", "read_checksums", "require_intact", "seal", "check_seal", "write_checksums",
-           "write_sidecar", "read_sidecar", "check_sidecar", "SIDECAR_SUFFIX"]
+__all__ = ["ALGORITHM", "FAST", "CHECKSUMS_NAME", "SIDECAR_SUFFIX", "FileStatus", "IntegrityError", "check_files",
+           "check_seal", "check_sidecar", "fast_digest", "file_digest", "file_table", "is_sealed", "read_checksums",
+           "read_sidecar", "require_intact", "seal", "write_checksums", "write_sidecar"]
 
 logger = logging.getLogger(__name__)
 
