@@ -14,7 +14,7 @@ Cells (each prints survived / lost / silent / traceback):
   reference.
 - bad inputs: the full corpus of rvl.bad_inputs through every reader / CLI entry.
 
-    .venv/bin/python bench/fault_matrix.py [--quick] [--kills 10] [--cache-gb 1.0] [--work DIR]
+    .venv/bin/python bench/fault_matrix.py [--quick] [--kills 15] [--cache-gb 1.0] [--work DIR]
 
 ``rvl finetune`` is being built on another branch: add its command to ``commands()`` (a ``KillSpec``) when it lands.
 """
@@ -216,7 +216,7 @@ def _fuzz_verdict(outcome) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 kills per command, a 0.2 GB cache")
-    parser.add_argument("--kills", type=int, default=10, help="kill moments per command (default 10)")
+    parser.add_argument("--kills", type=int, default=15, help="kill moments per command (default 15: 60 in all)")
     parser.add_argument("--cache-gb", type=float, default=1.0, help="size of the cache for the checksum cost")
     parser.add_argument("--studies", type=int, default=40, help="phantom studies (default 40)")
     parser.add_argument("--only", nargs="*", default=None,
