@@ -7,7 +7,8 @@ INPUT: CSV / Parquet / JSONL with a header row (text column default ``report``),
 one-column CSV. OUTPUT (CSV or Parquet by extension; default ``INPUT_STEM.labels.csv|parquet`` next to INPUT): id and
 text columns + the 14 label columns (+ ``evidence`` JSON, + ``section_<key>`` columns when asked). Memory stays
 constant: CSV is read in chunks, Parquet by record batches, JSONL line by line, and output is appended chunk by chunk
-to a temporary file that replaces OUTPUT at the end. Bad rows never stop the run and are never dropped.
+to a temporary file that replaces OUTPUT at the end; ``OUTPUT.sha256`` records its checksum. Bad rows
+never stop the run and are never dropped.
 """
 from __future__ import annotations
 
@@ -78,32 +79,64 @@ def _kept_columns(path: Path, available: list[str], wanted: str, id_column: str 
     return chosen
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_MAX_HEADER_FIELD = 64 << 20  # a headerless file may start with a long report: the csv module's default is 128 kB
+
+
+def _text_encoding(path: Path, wide_ok: bool = True) -> str:
+    """The file's encoding from its byte-order mark (UTF-8 otherwise); UTF-16/32 without a BOM is refused instead of
+    being read as UTF-8 text full of NUL bytes (which would label garbage)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.name.lower().endswith(".gz"):
+        return "utf-8"
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if encoding in ("utf-16", "utf-32") and not wide_ok:
+        raise InputError(f"{path}: {encoding.upper()} encoded; convert it to UTF-8 (e.g. iconv -f {encoding.upper()} "
+                         "-t UTF-8)")
+    if encoding is None and len(head) >= 16 and head.count(0) > len(head) // 4:
+        raise InputError(f"{path}: {head.count(0)} NUL bytes in the first {len(head)}: looks like UTF-16/32 text "
+                         "without a byte-order mark; convert it to UTF-8 (e.g. iconv -f UTF-16LE -t UTF-8)")
+    return encoding or "utf-8"
+
+
 def _open_csv(path: Path, text_column: str | None, id_column: str | None, chunk_size: int,
               keep: list[str] | None = None):
     """Return (iterator of chunks, text column name, total rows or None). Detects headerless one-column files."""
     import pandas as pd
 
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        first = next(csv.reader(f), None)
+    encoding = _text_encoding(path)
+    limit = csv.field_size_limit(_MAX_HEADER_FIELD)
+    try:
+        with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
+            first = next(csv.reader(f), None)
+    except csv.Error as exc:
+        raise InputError(f"{path}: cannot read the first row as CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     if first is None:
         return iter(()), text_column or "report", 0
     wanted = text_column or "report"
     header = [c.strip() for c in first]
     # dtype=object keeps Python strings: pandas' Arrow strings reject the surrogate-escaped bytes of non-UTF-8 rows.
-    common = dict(dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8",
+    common = dict(dtype=object, keep_default_na=False, na_filter=False, encoding=encoding,
                   encoding_errors="surrogateescape", chunksize=chunk_size)
-    if wanted in header:
-        missing = [c for c in (id_column,) if c and c not in header]
-        if missing:
-            raise InputError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(header)})")
-        columns = _kept_columns(path, header, wanted, id_column, keep)
-        reader = pd.read_csv(path, usecols=columns, **common)
-    elif text_column is None and len(header) == 1 and id_column is None:
-        # CheXpert-labeler style: one unnamed column of reports, no header row.
-        reader = pd.read_csv(path, header=None, names=[wanted], **common)
-    else:
-        raise InputError(f"{path}: text column {wanted!r} not found (columns: {', '.join(header[:20])}); "
-                         "use --text-column")
+    try:
+        if wanted in header:
+            missing = [c for c in (id_column,) if c and c not in header]
+            if missing:
+                raise InputError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(header)})")
+            columns = _kept_columns(path, header, wanted, id_column, keep)
+            reader = pd.read_csv(path, usecols=columns, **common)
+        elif text_column is None and len(header) == 1 and id_column is None:
+            # CheXpert-labeler style: one unnamed column of reports, no header row.
+            reader = pd.read_csv(path, header=None, names=[wanted], **common)
+        else:
+            raise InputError(f"{path}: text column {wanted!r} not found (columns: {', '.join(header[:20])}); "
+                             "use --text-column")
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:  # the parser reads ahead: a bad first block fails here
+        raise InputError(f"{path}: malformed CSV ({str(exc).splitlines()[0]})") from None
     return (chunk for chunk in reader), wanted, None
 
 
@@ -132,6 +165,7 @@ def _open_jsonl(path: Path, text_column: str | None, id_column: str | None, chun
     import pandas as pd
 
     wanted = text_column or "report"
+    _text_encoding(path, wide_ok=False)  # lines are split on b"\n": only UTF-8 (with or without BOM) can be read
     opener = gzip.open if path.name.lower().endswith(".gz") else open
 
     def records() -> Iterator[dict]:
@@ -187,7 +221,16 @@ def _printable(value: Any) -> Any:
 
 class _Writer:
     def __init__(self, path: Path):
+        from rvl.fileio import OutputBusyError, exclusive_output
+
         self.path = path
+        self._lock = exclusive_output(path.with_name(f".{path.name}.lock"), f"the label output {path}")
+        try:
+            self._lock.__enter__()  # held until close(): a second `rvl label` to the same output is refused
+        except OutputBusyError as exc:
+            raise InputError(str(exc)) from None
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run (we hold the lock)
+            stale.unlink(missing_ok=True)
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.parquet = _suffix(path) in PARQUET_SUFFIXES
         self.writer = None
@@ -208,10 +251,16 @@ class _Writer:
         else:
             if self.file is None:
                 self.file = open(self.tmp, "w", newline="", encoding="utf-8")
-            frame.to_csv(self.file, header=self.rows == 0, index=False)
+            frame.to_csv(self.file, header=self.file.tell() == 0, index=False)  # once, even after empty chunks
         self.rows += len(frame)
 
     def close(self, ok: bool) -> None:
+        try:
+            self._close(ok)
+        finally:
+            self._lock.__exit__(None, None, None)
+
+    def _close(self, ok: bool) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:
@@ -219,7 +268,10 @@ class _Writer:
         if ok:
             if self.writer is None and self.file is None:
                 raise RuntimeError("nothing written")
+            from rvl.integrity import write_sidecar
+
             os.replace(self.tmp, self.path)
+            write_sidecar(self.path)  # OUT.sha256 (sha256sum -c format): `rvl verify OUT` checks it
         elif self.tmp.exists():
             self.tmp.unlink()
 

@@ -31,15 +31,16 @@ METADATA_COLUMNS = ("study_id", "patient_id", "study_date", "split", "image_path
 def build_index_from_data(model: Any, data: str, kind: str = "study", factory: str | None = None,
                           split: str | None = None, batch_size: int = 32, model_dir: str | None = None,
                           fingerprint: str | None = None, device: str | None = None, label_source: str = "auto",
-                          **build_options: Any):
+                          degenerate: str = "refuse", **build_options: Any):
     """Embed ``data`` with ``model`` and return an :class:`EmbeddingIndex` (ids = manifest row numbers).
 
     Metadata per id: study id, patient id, date, split, image paths, views, report and the CheXpert label columns
     (``label_source``: ``"manifest"`` columns, ``"nlp"`` = ``rvl.nlp`` labels of the reports, ``"auto"`` = manifest
     columns when present, else ``rvl.nlp``), which kNN zero-shot votes with.
     ``device="cpu"`` forces the CPU; otherwise Accelerate picks this process's device. Returns ``None`` on
-    non-main processes of a multi-process launch. ``build_options`` go to :meth:`EmbeddingIndex.build`
-    (``target_recall``, ``budget_s``, ``max_bytes_per_vector``).
+    non-main processes of a multi-process launch. ``degenerate`` (refuse / skip / allow): what to do with a view
+    smaller than 32 px or with every pixel equal (see :class:`rvl.data.StudyDataset`). ``build_options`` go to
+    :meth:`EmbeddingIndex.build` (``target_recall``, ``budget_s``, ``max_bytes_per_vector``).
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -56,7 +57,8 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
     accelerator = Accelerator(cpu=device == "cpu")  # one process per GPU under `accelerate launch`
     model = model.to(accelerator.device).eval()
     max_views = int(getattr(model, "rvl_cfg", {}).get("max_views", 2))
-    dataset = StudyDataset(data, split=split, max_views=max_views, image_transform=model.preprocess, train=False)
+    dataset = StudyDataset(data, split=split, max_views=max_views, image_transform=model.preprocess, train=False,
+                           degenerate=degenerate if kind == "study" else "allow")
     frame = dataset.frame.reset_index(drop=True)
     with accelerator.split_between_processes(list(range(len(dataset)))) as mine:
         if kind == "study":
@@ -68,6 +70,8 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
     parts = gather_object([part])
     if not accelerator.is_main_process:
         return None
+    if dataset.skipped_degenerate:
+        logger.warning("left out %d degenerate view(s) (--degenerate skip)", dataset.skipped_degenerate)
     rows = np.concatenate([np.asarray(p[0], np.int64) for p in parts])
     vectors = np.concatenate([p[1] for p in parts])
     rows, first = np.unique(rows, return_index=True)  # a study substituted for an unreadable one appears twice
@@ -108,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--label-source", choices=("auto", "manifest", "nlp"), default="auto",
                        help="label columns stored with each study (kNN voting): the manifest's, rvl.nlp labels of "
                        "the reports, or auto (manifest when present, else rvl.nlp)")
+    build.add_argument("--degenerate", choices=("refuse", "skip", "allow"), default="refuse",
+                       help="views smaller than 32 px or with every pixel equal: refuse (error naming the file, "
+                       "default), skip (leave the view out, counted), allow (index them)")
     build.add_argument("--batch-size", type=int, default=32)
     build.add_argument("--device", default=None, help="torch device for a single process (default: cuda if "
                        "available); multi-GPU: accelerate launch")
@@ -173,6 +180,19 @@ def _model_source(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rvl.fileio import OutputBusyError, exclusive_output
+
+    out = Path(args.out).absolute()
+    try:  # the folder is swapped in whole, so its lock lives beside it: a second build is refused, not interleaved
+        with exclusive_output(out.parent / f".{out.name}.lock", f"the index {out}"):
+            return _build(args)
+    except OutputBusyError as err:
+        print(f"rvl index build: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    from rvl.data.io import DegenerateImageError
     from rvl.data.manifest import ManifestError
     from rvl.retrieval.embed import load_model, model_fingerprint
 
@@ -184,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
                                       model_dir=args.model, fingerprint=model_fingerprint(args.model, model),
                                       device=args.device, label_source=args.label_source,
                                       target_recall=args.target_recall, max_bytes_per_vector=args.max_bytes_per_vector,
+                                      degenerate=args.degenerate,
                                       **({"budget_s": args.build_budget} if args.build_budget is not None else {}))
+    except DegenerateImageError as err:
+        print(f"rvl index build: error: {err}; pass --degenerate skip to leave such views out, or --degenerate "
+              "allow to index them", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ManifestError, ValueError) as err:
         print(f"rvl index {args.index_command}: error: {err}", file=sys.stderr)
         return 2

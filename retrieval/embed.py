@@ -60,12 +60,16 @@ def model_device(model: Any):
     return next(model.parameters()).device
 
 
-def read_square(path: str | os.PathLike, size: int) -> np.ndarray:
+def read_square(path: str | os.PathLike, size: int, min_side: int | None = None, override: str = "") -> np.ndarray:
     """A radiograph as the model sees it: uint8 ``size`` x ``size``, aspect kept, centred zero padding (the same
-    geometry as ``rvl prepare``)."""
-    from rvl.data.io import read_image, to_square_uint8
+    geometry as ``rvl prepare``). With ``min_side``, a smaller or flat image raises ``DegenerateImageError`` (whose
+    message ends with ``override``: how the caller lets it through)."""
+    from rvl.data.io import check_not_degenerate, read_image, to_square_uint8
 
-    return to_square_uint8(read_image(path), size)
+    image = read_image(path)
+    if min_side is not None:
+        check_not_degenerate(image, path, min_side, override)
+    return to_square_uint8(image, size)
 
 
 def images_to_tensor(model: Any, squares: Sequence[np.ndarray]):
@@ -77,15 +81,16 @@ def images_to_tensor(model: Any, squares: Sequence[np.ndarray]):
 
 
 def study_tensors(model: Any, paths: Sequence[str | os.PathLike], views: Sequence[str] | None = None,
-                  max_views: int | None = None) -> dict[str, Any]:
+                  max_views: int | None = None, min_side: int | None = None, override: str = "") -> dict[str, Any]:
     """Images of one study -> ``encode_study`` inputs with a batch of 1 (frontal views first); only the views that
-    fit ``max_views`` are read."""
+    fit ``max_views`` are read (``min_side`` / ``override``: see :func:`read_square`)."""
     from rvl.constants import normalize_view
     from rvl.data.dataset import select_views
 
     views = [normalize_view(v) for v in (views or ["OTHER"] * len(paths))]
     order = select_views(views, max_views or len(paths), None)
-    batch = study_batch(model, [read_square(paths[i], model.image_size) for i in order], [views[i] for i in order])
+    squares = [read_square(paths[i], model.image_size, min_side, override) for i in order]
+    batch = study_batch(model, squares, [views[i] for i in order])
     return {**batch, "order": order}
 
 

@@ -69,11 +69,16 @@ def atomic_write_dir(target: str | os.PathLike, write_files: Callable[[Path], No
     tmp.mkdir()
     try:
         write_files(tmp)
+        _record_checksums(tmp)
         for child in tmp.iterdir():
             _fsync_path(child)
         _fsync_path(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            from rvl.fileio import raise_if_disk_full
+
+            raise_if_disk_full(target.parent, err, f"the index {target}")  # faiss reports ENOSPC as a write error
         raise
     old = None
     if target.exists():
@@ -87,6 +92,37 @@ def atomic_write_dir(target: str | os.PathLike, write_files: Callable[[Path], No
     return target
 
 
+REBUILD = "rvl index build --model MODEL --data DATA --out {}"
+
+
+def _record_checksums(folder: Path) -> None:
+    """Add the sealed sha256 table of the data files to ``index.json`` (readers and ``rvl verify`` check it)."""
+    from rvl.integrity import file_table
+
+    header_path = folder / HEADER_FILE
+    if header_path.is_file():
+        header = read_json(header_path)
+        header["checksums"] = file_table(folder, [n for n in REQUIRED_FILES if n != HEADER_FILE])
+        write_json(header_path, header)
+
+
+def verify_index_dir(folder: Path) -> None:
+    """Check ``index.faiss`` and ``metadata.parquet`` against ``index.json``'s checksums (once per process).
+
+    Raises:
+        IntegrityError: a file was altered or ``index.json`` was edited (a ValueError: the CLIs report it, exit 2).
+    """
+    from rvl.integrity import IntegrityError, check_seal, require_intact
+
+    rebuild = REBUILD.format(folder)
+    try:
+        header = read_json(folder / HEADER_FILE)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise IntegrityError(folder / HEADER_FILE, f"unreadable index header ({err})", rebuild=rebuild) from None
+    if isinstance(header, dict) and "checksums" in header:  # indexes written before checksums load unchecked
+        require_intact(folder, check_seal(header["checksums"], folder / HEADER_FILE, rebuild), rebuild)
+
+
 def resolve_index_dir(path: str | os.PathLike) -> Path:
     """Return the folder to load: ``path`` itself, or the backup an interrupted save left beside it.
 
@@ -95,9 +131,11 @@ def resolve_index_dir(path: str | os.PathLike) -> Path:
     """
     path = Path(path).absolute()
     if is_complete(path):
+        verify_index_dir(path)
         return path
     for backup in _siblings(path, "old"):
         if is_complete(backup):
+            verify_index_dir(backup)
             logger.warning("%s is missing or incomplete (interrupted save); loading the previous version %s",
                            path, backup.name)
             return backup

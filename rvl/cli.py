@@ -7,6 +7,7 @@ Command modules keep their top-level imports light (no torch / open_clip at impo
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("rvl.evaluate", "zero-shot AUC with bootstrap CIs, retrieval R@K and pointing game on a split"),
     "serve": ("rvl.serve.cli", "web page and JSON API: zero-shot, heatmaps and similar studies for uploaded studies"),
     "demo": ("rvl.demo.cli", "run the whole pipeline on built-in phantoms and write an evaluation report"),
+    "verify": ("rvl.verify", "check caches, runs, models, indexes and label outputs against their recorded checksums"),
 }
 
 
@@ -56,6 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a full disk surfaces from Python, pyarrow, safetensors or torch with its own type
+        if not is_disk_full(err):
+            raise
+        print(f"rvl {args.command}: error: out of disk space while writing ({err}); the previous version of the "
+              "output is untouched: free space and run the command again", file=sys.stderr)
+        return 2
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "errno 28", "file too large", "errno 27", "os error 27",
+                   "disk quota exceeded")
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) is a failed write for lack of space."""
+    seen = 0
+    while err is not None and seen < 8:
+        if getattr(err, "errno", None) in _DISK_FULL_ERRNOS or any(t in str(err).lower() for t in _DISK_FULL_TEXT):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":

@@ -6,14 +6,25 @@ version, never a half-written one.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["replace_dir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["OutputBusyError", "exclusive_output", "raise_if_disk_full", "replace_dir", "write_json_atomic",
+           "write_text_atomic"]
+
+# Below this much free space a failed write is reported as a full disk: torch and some C writers report ENOSPC as
+# "iostream error" / "unexpected pos" without the errno.
+LOW_SPACE_BYTES = 16 << 20
+
+
+class OutputBusyError(RuntimeError):
+    """Another process is writing the same output (its lock is held); nothing was written."""
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -55,3 +66,39 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(final, old / final.name)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_output(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (``filelock``; an OS lock, released when the process dies) while one
+    command writes an output; a second writer is refused at once instead of interleaving its files.
+
+    Raises:
+        OutputBusyError: the lock is held by another process (the message names ``what`` and the lock file).
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputBusyError(f"{what} is being written by another process (lock {lock_path} is held); wait for it "
+                              "to finish, then run this command again") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def raise_if_disk_full(folder: str | os.PathLike, err: BaseException, what: str) -> None:
+    """Re-raise a failed write as ``OSError(ENOSPC)`` (with ``what`` and the original error) when ``folder``'s file
+    system is (nearly) full, so the CLI reports a full disk instead of a library's internal error."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < LOW_SPACE_BYTES:
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {what} ({free} bytes free; "
+                                    f"{type(err).__name__}: {err})") from err

@@ -11,6 +11,7 @@ therefore replays exactly the batches and randomness of an uninterrupted run (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from rvl.config import Config, add_config_arguments, config_from_args, save_config
 from rvl.train_support import (CHECKPOINT_PREFIX, Collate, EpochSampler, SeededStudies, TrainState, collapse_message,
-                               evaluate, list_checkpoints, save_checkpoint)
+                               evaluate, list_checkpoints, save_checkpoint, verify_checkpoint)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,17 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data.source or not Path(cfg.data.source).exists():
         print(f"rvl pretrain: --data must be a prepared cache or manifest, got {cfg.data.source!r}", file=sys.stderr)
         return 2
-    return train(cfg)
+    from rvl.fileio import OutputBusyError, exclusive_output
+    from rvl.integrity import IntegrityError
+
+    out_dir = Path(cfg.train.output_dir)
+    try:  # one run per output folder: the main process holds the lock (other ranks of a launch share its folder)
+        with exclusive_output(out_dir / ".pretrain.lock", f"the run folder {out_dir}") if \
+                int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            return train(cfg)
+    except (IntegrityError, OutputBusyError) as err:  # an altered cache or checkpoint, or a second run on the folder
+        print(f"rvl pretrain: error: {err}", file=sys.stderr)
+        return 2
 
 
 def model_overrides(cfg) -> dict:
@@ -193,6 +204,7 @@ def train(cfg: Config) -> int:
     if cfg.train.resume:
         found = list_checkpoints(ckpt_dir)
         if found:
+            verify_checkpoint(found[-1], ckpt_dir)
             accelerator.load_state(str(found[-1]))
             logger.info(f"resumed from {found[-1]} (step {state.step})")
         else:

@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rvl.fileio import replace_dir
+from rvl.fileio import raise_if_disk_full, replace_dir
+from rvl.integrity import IntegrityError, read_checksums, require_intact, write_checksums
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -116,15 +117,38 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def verify_checkpoint(ckpt: Path, ckpt_dir: Path) -> None:
+    """Check a checkpoint's files against its ``checksums.json`` before resuming from it.
+
+    Raises:
+        IntegrityError: a file is missing or altered, or the checkpoint has no checksums; the message says which
+            earlier checkpoint a resume can fall back to once this one is removed.
+    """
+    earlier = [p for p in list_checkpoints(ckpt_dir) if p != ckpt]
+    rebuild = (f"delete {ckpt} and rerun with --resume (continues from {earlier[-1].name})" if earlier else
+               f"delete {ckpt} and rerun (no earlier checkpoint: training restarts from step 0)")
+    table = read_checksums(ckpt, rebuild)
+    if table is None:
+        raise IntegrityError(ckpt, "checkpoint has no checksums.json (incomplete or not written by rvl)",
+                             rebuild=rebuild)
+    require_intact(ckpt, table, rebuild)
+
+
 def save_checkpoint(accelerator, ckpt_dir: Path, name: str, keep_last: int | None) -> Path:
     """``save_state`` into a tmp folder, then an atomic rename: a kill mid-save leaves the previous one intact."""
     final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint; the previous ones are untouched
+        raise_if_disk_full(ckpt_dir, err, f"checkpoint {final}")
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_checksums(tmp)  # before the swap: a complete checkpoint always carries its checksums
         replace_dir(tmp, final)  # e.g. "best": the old one is moved aside first and dropped after the swap
         for stale in ckpt_dir.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)

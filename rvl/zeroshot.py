@@ -25,10 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from rvl.constants import CHEXPERT_LABELS
+from rvl.data.io import MIN_IMAGE_SIDE
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = "chexpert.yaml"
+DEGENERATE_OVERRIDE = "pass --allow-degenerate to score it anyway"
 
 
 @dataclass
@@ -221,6 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--k", type=int, default=20, dest="k", help="voting neighbours for --knn-index")
     parser.add_argument("--top", type=int, default=None, help="only the K labels whose positive prompt is most "
                         "similar (searched in the FAISS label index; for large label vocabularies)")
+    parser.add_argument("--allow-degenerate", action="store_true", help="score images smaller than "
+                        f"{MIN_IMAGE_SIDE} px or with every pixel equal (refused by default: not a radiograph)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
 
@@ -236,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
     from rvl.data.io import ImageReadError
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
+    min_side = None if args.allow_degenerate else MIN_IMAGE_SIDE
     try:
         from rvl.retrieval.embed import images_to_tensor, load_model, read_square, study_tensors
 
@@ -249,11 +254,13 @@ def run(args: argparse.Namespace) -> int:
             if args.study:
                 if args.views and len(args.views) != len(args.images):
                     raise ValueError(f"--views has {len(args.views)} entries for {len(args.images)} images")
-                batch = study_tensors(model, args.images, args.views, max_views=len(args.images))
+                batch = study_tensors(model, args.images, args.views, max_views=len(args.images), min_side=min_side,
+                                      override=DEGENERATE_OVERRIDE)
                 emb = model.encode_study(*(batch[k].to(device) for k in ("images", "view_mask", "view_types")))
                 names = [" + ".join(args.images)]
             else:
-                images = images_to_tensor(model, [read_square(p, model.image_size) for p in args.images])
+                images = images_to_tensor(model, [read_square(p, model.image_size, min_side, DEGENERATE_OVERRIDE)
+                                                  for p in args.images])
                 emb = model.encode_image(images.to(device))
                 names = list(args.images)
     except (FileNotFoundError, ImageReadError, ValueError) as err:

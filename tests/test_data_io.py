@@ -13,60 +13,14 @@ from rvl.data.io import box_to_square, to_square_uint8
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+from rvl.bad_inputs import write_dicom  # noqa: E402,F401  (also imported from here by other test modules)
 
 
 def chest_film(name: str) -> str:
     path = get_testdata_file(name, download=False)
     if path is None:
         pytest.skip(f"{name} needs pydicom-data (pip install 'rvl-cxr[dicom]')")
-    return path
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None,
-                modality_lut: tuple[int, list[int]] | None = None, frames: bool = False, pixel_data: bool = True,
-                transfer_syntax: str = ExplicitVRLittleEndian, **tags) -> Path:
-    """Write a DX DICOM file from an array (uint8/uint16/int16; (F,H,W) when ``frames``; (H,W,3) uint8 = RGB)."""
-    arr = np.asarray(pixels)
-    rgb = arr.ndim == 3 and not frames
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = DX_STORAGE, generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DX_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", "P1", generate_uid(), generate_uid()
-    ds.Rows, ds.Columns = arr.shape[-3:-1] if rgb else arr.shape[-2:]
-    ds.SamplesPerPixel = 3 if rgb else 1
-    ds.PhotometricInterpretation = "RGB" if rgb else photometric
-    if rgb:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = arr.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(arr.dtype.kind == "i")
-    if frames:
-        ds.NumberOfFrames = arr.shape[0]
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    if modality_lut is not None:
-        first, data = modality_lut
-        item = Dataset()
-        item.add_new(0x00283002, "US", [len(data), first, 16])
-        item.ModalityLUTType = "US"
-        item.add_new(0x00283006, "US", data)
-        ds.ModalityLUTSequence = [item]
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    if pixel_data:
-        ds.PixelData = arr.tobytes()
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 

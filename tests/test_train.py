@@ -122,6 +122,26 @@ def test_export_loads_in_rvl_and_open_clip(full_run):
         assert torch.allclose(clip.encode_image(images, normalize=True), model.encode_image(images), atol=1e-5)
 
 
+def test_resume_refuses_an_altered_checkpoint(phantoms, full_run, tmp_path, capsys):
+    """A flipped byte in the newest checkpoint stops --resume with the file, both hashes and the fallback."""
+    import shutil
+
+    from rvl.cli import main as rvl_main
+    from rvl.faults import corrupt
+    from rvl.integrity import read_checksums
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    newest = run / "checkpoints" / "step_00000009"
+    assert "model.safetensors" in read_checksums(newest)["files"]
+    corrupt(newest / "model.safetensors", "flip")
+    code = rvl_main(pretrain_cmd(phantoms, run, "--grad-accum", "2", "--resume")[3:])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "step_00000009/model.safetensors: content does not match" in err and "expected xxh3_128" in err
+    assert "continues from step_00000006" in err
+
+
 def test_flags_override_yaml_config(tmp_path):
     import argparse
 

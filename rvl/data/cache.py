@@ -7,24 +7,24 @@ Layout of the output folder ``DIR``:
   ``size``, aspect kept, centred zero padding). ``finding_boxes`` are re-expressed in that padded square frame.
   Images that failed to read are dropped from their study (and from ``image_paths``/``view_positions``); a study
   with no readable image is dropped.
-- ``DIR/prepare.json``: size, counts, source manifest and the content fingerprint of the run.
+- ``DIR/prepare.json``: size, counts, source manifest, the content fingerprint of the run and the sealed sha256 of every
+  file of the cache (``checksums``), checked by every reader as it opens the cache (:mod:`rvl.data.cache_files`).
 - ``DIR/skipped.csv``: ``path, study_id, reason`` for every image that failed.
 
 Re-running skips work already done: studies are processed in fixed-size shards, each named by a fingerprint of its
 rows, the cache size and every image file's size and mtime, and written atomically to ``DIR/shards/`` as soon as it
-is complete. An interrupted run resumes from the finished shards; a finished run (``prepare.json`` holding the same
-overall fingerprint) returns immediately. A changed study or image only invalidates its shard. The shards are deleted
-after the final atomic swap of ``DIR/dataset`` unless ``keep_shards=True`` (which keeps later incremental re-runs
+is complete, with its sha256. An interrupted run resumes from the finished shards that still match their checksum; a
+finished run (``prepare.json`` holding the same overall fingerprint) returns immediately once its files check out. A
+changed study or image only invalidates its shard. The shards are deleted after the final atomic swap of
+``DIR/dataset`` unless ``keep_shards=True`` (which keeps later incremental re-runs
 cheap at the cost of twice the disk space).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -33,17 +33,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from rvl.fileio import OutputBusyError, exclusive_output, write_text_atomic
+from rvl.integrity import IntegrityError, file_table
 
-from rvl.fileio import replace_dir, write_text_atomic
-
-from rvl.data.cache_files import load_cache, read_cache_frame  # noqa: F401  (re-exported: the cache's reading side)
+from rvl.data.cache_files import load_cache, read_cache_frame, verify_cache  # noqa: F401  (re-exported: reading side)
+from rvl.data.cache_shards import CACHE_VERSION, cache_schema, plan_shards, save_dataset, shard_arrow_intact
+from rvl.data.cache_shards import prepare_study as _prepare_study
+from rvl.data.cache_shards import write_shard as _write_shard
 
 __all__ = ["PrepareError", "prepare", "read_cache_frame", "load_cache", "add_arguments", "run", "CACHE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the pixel pipeline changes: invalidates every shard fingerprint
 DEFAULT_SHARD_STUDIES = 256
 
 
@@ -51,57 +52,11 @@ class PrepareError(RuntimeError):
     """A fatal problem while preparing the cache (with ``strict``, the first unreadable image)."""
 
 
-# ------------------------------------------------------------------------------------------------------ the worker
-def _prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[bytes], list[int], str,
-                                                                   list[tuple[str, str]]]:
-    """Read, resize and pad one study's images. Returns (row, pixels, kept image indices, boxes JSON, failures)."""
-    from rvl.data.io import ImageReadError, box_to_square, read_image, to_square_uint8
-
-    row, paths, boxes_json, size = task
-    try:
-        boxes = json.loads(boxes_json) if boxes_json else []
-    except json.JSONDecodeError:
-        boxes = []
-    pixels, kept, new_boxes, failures = [], [], [], []
-    for i, path in enumerate(paths):
-        try:
-            image = read_image(path)
-        except ImageReadError as e:
-            failures.append((path, e.cause))
-            continue
-        except Exception as e:  # a decoder bug must not kill a 300k-image run; it is reported like any failure
-            failures.append((path, f"{type(e).__name__}: {e}"))
-            continue
-        height, width = image.shape
-        pixels.append(to_square_uint8(image, size).tobytes())
-        kept.append(i)
-        image_boxes = boxes[i] if i < len(boxes) and isinstance(boxes[i], list) else []
-        new_boxes.append([{**b, "box": box_to_square(b["box"], height, width, size)}
-                          if isinstance(b, dict) and b.get("box") is not None else b for b in image_boxes])
-    return row, pixels, kept, json.dumps(new_boxes), failures
-
-
-# ------------------------------------------------------------------------------------------------------ fingerprints
-def _study_fingerprint(record: dict[str, Any], size: int) -> str:
-    stats = []
-    for path in record["image_paths"]:
-        try:
-            st = os.stat(path)
-            stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append(None)
-    payload = json.dumps([CACHE_VERSION, size, record, stats], sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()
-
-
-def _combine(fingerprints: list[str]) -> str:
-    return hashlib.sha1("".join(fingerprints).encode()).hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------------- prepare
 def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size: int = 256, workers: int | None = None,
             strict: bool = False, format: str = "auto", shard_studies: int = DEFAULT_SHARD_STUDIES,
-            keep_shards: bool = False, progress: bool = True, labels: str = "auto",
+            keep_shards: bool = False, progress: bool = True, max_shard_size: int | str | None = None,
+            labels: str = "auto",
             **reader_kwargs: Any) -> dict[str, Any]:
     """Read every image of a manifest once into a resized on-disk ``datasets`` cache (see the module docstring).
 
@@ -117,11 +72,25 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
         progress: tqdm progress bar.
         labels: CheXpert labels for studies without them (:func:`rvl.data.labels.fill_labels`): ``auto`` (label
             the reports with ``rvl.nlp`` when the manifest has no labels), ``nlp``, ``keep`` or ``none``.
+        max_shard_size: largest data file of ``DIR/dataset`` (``datasets`` default 500 MB); ``--repair`` rebuilds
+            whole data files, so smaller files make a repair cheaper.
         **reader_kwargs: passed to ``read_manifest`` (e.g. ``reports=`` for a DICOM folder).
 
     Returns:
         Summary dict (counts, timings, whether shards were reused); also written to ``DIR/prepare.json``.
+
+    Raises:
+        OutputBusyError: another ``rvl prepare`` is writing ``out_dir`` (``DIR/.prepare.lock``): refused at once.
     """
+    with exclusive_output(Path(out_dir) / ".prepare.lock", f"the cache {out_dir}"):
+        return _prepare(manifest, Path(out_dir), size, workers, strict, format, shard_studies, keep_shards, progress,
+                        max_shard_size, reader_kwargs, labels)
+
+
+def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, strict: bool, format: str,
+             shard_studies: int, keep_shards: bool, progress: bool, max_shard_size: int | str | None,
+             reader_kwargs: dict[str, Any], labels: str = "auto") -> dict[str, Any]:
+    """:func:`prepare` under the output lock."""
     import pandas as pd
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -135,18 +104,16 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     frame = manifest.reset_index(drop=True) if isinstance(manifest, pd.DataFrame) else \
         read_manifest(manifest, format=format, **reader_kwargs)
     frame, label_summary = fill_labels(frame, labels, progress=progress)
-    out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    records = [_jsonable(r) for r in frame.to_dict(orient="records")]
-    study_fps = [_study_fingerprint(r, size) for r in records]
-    bounds = [(s, min(s + shard_studies, len(records))) for s in range(0, len(records), max(1, shard_studies))]
-    shard_fps = [_combine(study_fps[a:b]) for a, b in bounds]
-    fingerprint = _combine(shard_fps)
+    for stale in [*out_dir.glob(".*.tmp-*"), *shard_dir.glob(".*.tmp-*")]:  # left by a killed run (we hold the lock)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    records, bounds, shard_fps, fingerprint = plan_shards(frame, size, shard_studies)
     info_path, dataset_dir = out_dir / "prepare.json", out_dir / "dataset"
     if info_path.exists() and dataset_dir.exists():
         info = json.loads(info_path.read_text())
-        if info.get("fingerprint") == fingerprint:  # labels are part of each study record it covers
+        if info.get("fingerprint") == fingerprint:
+            verify_cache(out_dir)  # an up-to-date cache must also be intact: IntegrityError names the file
             if strict and info.get("n_skipped_images"):
                 with open(out_dir / "skipped.csv", newline="") as f:
                     first = next(csv.DictReader(f))
@@ -154,9 +121,13 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
             info.update(up_to_date=True, seconds=round(time.perf_counter() - start, 2))
             return info
 
-    schema = pa.Schema.from_pandas(frame, preserve_index=False).remove_metadata().append(
-        pa.field("pixels", pa.list_(pa.binary())))
+    schema = cache_schema(frame)
     todo = [k for k, fp in enumerate(shard_fps) if not (shard_dir / f"{fp}.arrow").exists()]
+    for k in sorted(set(range(len(shard_fps))) - set(todo)):  # a finished shard altered on disk is built again
+        if not shard_arrow_intact(shard_dir, shard_fps[k]):
+            logger.warning("shard %s does not match its checksum; rebuilding it", shard_dir / f"{shard_fps[k]}.arrow")
+            todo.append(k)
+    todo.sort()
     if strict:  # a finished shard from an earlier lenient run may hold failures that strict mode must not accept
         for k in sorted(set(range(len(shard_fps))) - set(todo)):
             skipped = json.loads((shard_dir / f"{shard_fps[k]}.skipped.json").read_text())["skipped"]
@@ -188,11 +159,12 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
             pool.terminate()
             pool.join()
 
-    info = _finalize(out_dir, shard_dir, shard_fps, progress)
+    info = _finalize(out_dir, shard_dir, shard_fps, fingerprint, progress, max_shard_size)
+    info.update(checksums=file_table(out_dir, [*info.pop("files"), "skipped.csv"]))
     info.update(size=size, fingerprint=fingerprint, source_manifest=str(manifest) if not isinstance(
         manifest, pd.DataFrame) else "<DataFrame>", format=format, cache_version=CACHE_VERSION,
-        shards_reused=len(shard_fps) - len(todo), shards_built=len(todo), workers=n_workers, labels=label_summary,
-        seconds=round(time.perf_counter() - start, 2), up_to_date=False)
+        shard_studies=shard_studies, shards_reused=len(shard_fps) - len(todo), shards_built=len(todo),
+        workers=n_workers, labels=label_summary, seconds=round(time.perf_counter() - start, 2), up_to_date=False)
     write_text_atomic(info_path, json.dumps(info, indent=2))
     if not keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -204,19 +176,6 @@ def prepare(manifest: str | os.PathLike | Any, out_dir: str | os.PathLike, size:
     return info
 
 
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        elif isinstance(value, float) and math.isnan(value):
-            value = None
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
-
-
 def _default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -224,31 +183,8 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tuple], schema) -> None:
-    """Write one finished shard (Arrow stream file, the format ``datasets`` memory-maps) and its skip list."""
-    import pyarrow as pa
-
-    rows = rows.copy()
-    order = list(rows.index)
-    rows["pixels"] = [results[r][0] for r in order]
-    keep_images = [results[r][1] for r in order]
-    rows["image_paths"] = [[paths[i] for i in kept] for paths, kept in zip(rows["image_paths"], keep_images)]
-    rows["view_positions"] = [[views[i] for i in kept] for views, kept in zip(rows["view_positions"], keep_images)]
-    rows["finding_boxes"] = [results[r][2] for r in order]
-    skipped = [{"path": path, "study_id": str(sid), "reason": reason}
-               for r, sid in zip(order, rows["study_id"]) for path, reason in results[r][3]]
-    n_dropped = int(sum(1 for kept in keep_images if not kept))
-    rows = rows[[len(kept) > 0 for kept in keep_images]]
-    table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
-    tmp = shard_dir / f".{fingerprint}.arrow.tmp-{os.getpid()}"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=64)
-    write_text_atomic(shard_dir / f"{fingerprint}.skipped.json",
-                       json.dumps({"skipped": skipped, "dropped_studies": n_dropped}))
-    os.replace(tmp, shard_dir / f"{fingerprint}.arrow")  # last: the .arrow file marks the shard as complete
-
-
-def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], progress: bool) -> dict[str, Any]:
+def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint: str, progress: bool,
+              max_shard_size: int | str | None) -> dict[str, Any]:
     """Concatenate the shards into DIR/dataset (atomic swap) and write DIR/skipped.csv."""
     import datasets
 
@@ -256,13 +192,14 @@ def _finalize(out_dir: Path, shard_dir: Path, shard_fps: list[str], progress: bo
     if not progress:
         datasets.disable_progress_bars()
     try:
-        return _concatenate_shards(out_dir, shard_dir, shard_fps)
+        return _concatenate_shards(out_dir, shard_dir, shard_fps, fingerprint, max_shard_size)
     finally:
         if bars_were_on and not progress:
             datasets.enable_progress_bars()
 
 
-def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str]) -> dict[str, Any]:
+def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str], fingerprint: str,
+                        max_shard_size: int | str | None) -> dict[str, Any]:
     import datasets
 
     parts = [datasets.Dataset.from_file(str(shard_dir / f"{fp}.arrow")) for fp in shard_fps]
@@ -272,11 +209,12 @@ def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str]) ->
     data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(data) == 0:
         raise PrepareError(f"no readable image in any study; see {out_dir / 'skipped.csv'}")
-    skipped, dropped = [], 0
+    skipped, dropped, dropped_rows = [], 0, []
     for fp in shard_fps:
         record = json.loads((shard_dir / f"{fp}.skipped.json").read_text())
         skipped.extend(record["skipped"])
         dropped += record["dropped_studies"]
+        dropped_rows.extend(record.get("dropped_rows", []))
     tmp_csv = out_dir / f".skipped.csv.tmp-{os.getpid()}"
     with open(tmp_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "study_id", "reason"])
@@ -284,18 +222,15 @@ def _concatenate_shards(out_dir: Path, shard_dir: Path, shard_fps: list[str]) ->
         writer.writerows(skipped)
     os.replace(tmp_csv, out_dir / "skipped.csv")
 
-    final = out_dir / "dataset"
-    tmp = out_dir / f".dataset.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    data.save_to_disk(str(tmp))
+    data_files, rows = save_dataset(data, out_dir, fingerprint, max_shard_size=max_shard_size)
     del data, parts  # release the memory maps of the shards before they are deleted
-    replace_dir(tmp, final)
     n_images = 0
-    loaded = datasets.load_from_disk(str(final))
+    loaded = datasets.load_from_disk(str(out_dir / "dataset"))
     for batch in loaded.select_columns(["view_positions"]).iter(batch_size=4096):
         n_images += sum(len(v) for v in batch["view_positions"])
     return {"n_studies": len(loaded), "n_images": n_images, "n_skipped_images": len(skipped),
-            "n_dropped_studies": dropped}
+            "n_dropped_studies": dropped, "dropped_rows": sorted(dropped_rows), "data_file_rows": rows,
+            "files": [*data_files, "dataset/state.json", "dataset/dataset_info.json"]}
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -315,6 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-studies", type=int, default=DEFAULT_SHARD_STUDIES,
                         help="studies per resumable shard")
     parser.add_argument("--keep-shards", action="store_true", help="keep DIR/shards for cheap incremental re-runs")
+    parser.add_argument("--repair", action="store_true", help="check DIR against the checksums in prepare.json and "
+                        "rebuild only the damaged or missing data files (from the same manifest)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--labels", choices=["auto", "nlp", "keep", "none"], default="auto",
                         help="CheXpert labels: auto (default) labels the reports with rvl.nlp when the manifest has "
@@ -328,11 +265,13 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"reports": args.reports} if args.reports else {}
     if args.image_column != "image_paths":
         kwargs["image_column"] = args.image_column
+    if args.repair:
+        return _run_repair(args, kwargs)
     try:
         info = prepare(args.manifest, args.out, size=args.size, workers=args.workers, strict=args.strict,
                        format=args.format, shard_studies=args.shard_studies, keep_shards=args.keep_shards,
                        progress=not args.no_progress, labels=args.labels, **kwargs)
-    except (PrepareError, ManifestError, FileNotFoundError, ValueError) as e:
+    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError, OutputBusyError, ValueError) as e:
         print(f"rvl prepare: error: {e}", file=sys.stderr)
         return 2
     if info.get("up_to_date"):
@@ -349,3 +288,22 @@ def run(args: argparse.Namespace) -> int:
     print("labels: " + ", ".join(f"{n} studies from {source}" for source, n in by_source.items()))
     return 0
 
+
+
+def _run_repair(args: argparse.Namespace, reader_kwargs: dict[str, Any]) -> int:
+    from rvl.data.cache_repair import repair_cache
+    from rvl.data.manifest import ManifestError
+
+    try:
+        info = repair_cache(args.manifest, args.out, PrepareError, format=args.format,
+                            progress=not args.no_progress, **reader_kwargs)
+    except (PrepareError, ManifestError, FileNotFoundError, IntegrityError, OutputBusyError) as e:
+        print(f"rvl prepare --repair: error: {e}", file=sys.stderr)
+        return 2
+    if not info["repaired"]:
+        print(f"{args.out}: nothing to repair, all {len(info['checksums']['files'])} files match their checksums")
+    else:
+        print(f"{args.out}: rebuilt {', '.join(info['repaired'])} in {info['seconds']} s; "
+              + (f"new checksums recorded for {', '.join(info['differ'])} (sources changed)" if info["differ"] else
+                 "every file matches the checksum recorded when the cache was written"))
+    return 0

@@ -61,13 +61,22 @@ class StudyDataset(torch.utils.data.Dataset):
         strict: raise on an unreadable image (manifest source); otherwise the view is dropped, counted in
             ``skipped`` and logged, and a study with no readable view is replaced by the next one.
         format: manifest format for ``read_manifest``.
+        degenerate: views that cannot be a radiograph (smaller than ``min_side`` px, or every pixel equal):
+            ``"allow"`` uses them (training default), ``"refuse"`` raises ``DegenerateImageError`` naming the file,
+            ``"skip"`` drops the view (counted in ``skipped_degenerate`` and logged) like an unreadable one. A cache
+            holds resized squares, so there only flat content is detected (a tiny image with variation passes).
+        min_side: smallest accepted side for ``degenerate`` (manifest sources: the original image size).
     """
 
     def __init__(self, source: str | os.PathLike, split: str | None = None, max_views: int = 2,
                  image_transform: Callable | None = None, train: bool = True, seed: int = 0, size: int = 256,
-                 strict: bool = False, format: str = "auto", **reader_kwargs: Any):
+                 strict: bool = False, format: str = "auto", degenerate: str = "allow", min_side: int = 32,
+                 **reader_kwargs: Any):
         if max_views < 1:
             raise ValueError(f"max_views must be >= 1, got {max_views}")
+        if degenerate not in ("allow", "refuse", "skip"):
+            raise ValueError(f"degenerate must be allow, refuse or skip, got {degenerate!r}")
+        self.degenerate, self.min_side, self.skipped_degenerate = degenerate, min_side, 0
         self.source = Path(source)
         self.max_views, self.image_transform, self.train = max_views, image_transform, train
         self.seed, self.strict, self.epoch, self.skipped = seed, strict, 0, 0
@@ -121,31 +130,49 @@ class StudyDataset(torch.utils.data.Dataset):
     # -------------------------------------------------------------------------------------------------- reading
     def _cache_column(self):
         if self._pixels is None:
-            import datasets
+            from rvl.data.cache_files import load_cache
 
-            table = datasets.load_from_disk(str(self.source / "dataset")).data.table
-            self._pixels = table.column("pixels")
+            data, _ = load_cache(self.source)  # checked once per process (workers re-open, the hash is remembered)
+            self._pixels = data.data.table.column("pixels")
         return self._pixels
 
     def _study_images(self, i: int, chosen: list[int]) -> list[np.ndarray | None]:
         """uint8 (size, size) arrays for the chosen views of study ``i`` (None for a view that failed to read)."""
         if self.is_cache:
             views = self._cache_column()[int(self._rows[i])].values
-            return [np.frombuffer(views[j].as_buffer(), np.uint8).reshape(self.size, self.size) for j in chosen]
-        from rvl.data.io import ImageReadError, read_image, to_square_uint8
+            squares = [np.frombuffer(views[j].as_buffer(), np.uint8).reshape(self.size, self.size) for j in chosen]
+            return [a if self._usable(_content(a), self._paths[i][j], 0) else None for j, a in zip(chosen, squares)]
+        from rvl.data.io import DegenerateImageError, ImageReadError, read_image, to_square_uint8
 
         out = []
         for j in chosen:
             path = self._paths[i][j]
             try:
-                out.append(to_square_uint8(read_image(path), self.size))
+                image = read_image(path)
+                out.append(to_square_uint8(image, self.size) if self._usable(image, path, self.min_side) else None)
             except ImageReadError as e:
-                if self.strict:
+                if self.strict or isinstance(e, DegenerateImageError):  # degenerate="refuse" asked for the error
                     raise
                 self.skipped += 1
                 logger.warning("skipped unreadable image (%d so far): %s", self.skipped, e)
                 out.append(None)
         return out
+
+    def _usable(self, image: np.ndarray, path: str, min_side: int) -> bool:
+        """Apply the ``degenerate`` policy to one view: True to use it, False to skip it (or raise)."""
+        if self.degenerate == "allow":
+            return True
+        from rvl.data.io import DegenerateImageError, check_not_degenerate
+
+        try:
+            check_not_degenerate(image, path, min_side)
+        except DegenerateImageError as e:
+            if self.degenerate == "refuse":
+                raise
+            self.skipped_degenerate += 1
+            logger.warning("skipped degenerate view (%d so far): %s", self.skipped_degenerate, e)
+            return False
+        return True
 
     def _to_tensor(self, array: np.ndarray):
         if self.image_transform is None:
@@ -170,7 +197,8 @@ class StudyDataset(torch.utils.data.Dataset):
                 break
             logger.warning("study %s has no readable view; using the next study", self._text[i][1])
         else:
-            raise RuntimeError(f"{self.source}: {_MAX_SUBSTITUTIONS} consecutive studies without a readable image")
+            raise ValueError(f"{self.source}: {_MAX_SUBSTITUTIONS} consecutive studies without a readable image (from "
+                             f"study {self._text[index][1]}); check the image paths (see the warnings above)")
         images = self._stack([a for _, a in pairs])
         view_mask = torch.zeros(self.max_views, dtype=torch.bool)
         view_mask[:len(pairs)] = True
@@ -209,6 +237,14 @@ class StudyDataset(torch.utils.data.Dataset):
         kind = "cache" if self.is_cache else "manifest"
         return (f"StudyDataset({str(self.source)!r}, {kind}, studies={len(self)}, size={self.size}, "
                 f"max_views={self.max_views}, train={self.train})")
+
+
+def _content(square: np.ndarray) -> np.ndarray:
+    """The padded square's image region: the bounding box of its non-zero pixels (all of it when all are zero)."""
+    rows, cols = np.flatnonzero(square.any(axis=1)), np.flatnonzero(square.any(axis=0))
+    if not len(rows):
+        return square
+    return square[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def collate_studies(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReadError", "read_image", "is_dicom_file", "to_square_uint8", "square_geometry", "box_to_square"]
+__all__ = ["ImageReadError", "DegenerateImageError", "read_image", "is_dicom_file", "to_square_uint8",
+           "square_geometry", "box_to_square", "check_not_degenerate", "MIN_IMAGE_SIDE"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,12 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 # edges, which plain min-max would let dominate the contrast.
 ROBUST_PERCENTILES = (0.5, 99.5)
 DICOM_EXTRA_HINT = "install the DICOM decoders with: pip install 'rvl-cxr[dicom]'"
+# Smallest side an image may have to be scored or indexed: below it the model sees an upscaled blur of a few pixels, and
+# its zero-shot probabilities or neighbours would look like those of a real study.
+MIN_IMAGE_SIDE = 32
+# A DICOM header may claim any size; pixel data past this many pixels is refused before it is allocated (a
+# decompression bomb: 30,000 x 30,000 x 16 bit would be 1.8 GB). 2**28 px = 16k x 16k, twice the largest detector.
+MAX_IMAGE_PIXELS = 2 ** 28
 
 
 class ImageReadError(ValueError):
@@ -32,6 +39,30 @@ class ImageReadError(ValueError):
         self.path = str(path)
         self.cause = cause
         super().__init__(f"{self.path}: {cause}")
+
+
+class DegenerateImageError(ImageReadError):
+    """An image that decodes but cannot be a radiograph: smaller than ``MIN_IMAGE_SIDE`` or without any variation."""
+
+
+def check_not_degenerate(image: np.ndarray, path: str | os.PathLike, min_side: int = MIN_IMAGE_SIDE,
+                         override: str = "") -> None:
+    """Raise :class:`DegenerateImageError` for an image too small to score or with every pixel equal.
+
+    Args:
+        image: the decoded (H, W) image (before any resize: the original size is what is checked).
+        path: named in the message.
+        min_side: smallest accepted height and width.
+        override: how the caller lets such images through (appended to the message, e.g. "pass --allow-degenerate").
+    """
+    height, width = image.shape[:2]
+    hint = f"; {override}" if override else ""
+    if min(height, width) < min_side:
+        raise DegenerateImageError(path, f"{width} x {height} px is smaller than the {min_side} px minimum for "
+                                         f"zero-shot / indexing{hint}")
+    if image.size and float(image.max()) == float(image.min()):
+        raise DegenerateImageError(path, f"every pixel has the same value ({float(image.flat[0]):.3g}): no image "
+                                         f"content to score{hint}")
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -82,6 +113,8 @@ def _read_pillow(path: Path) -> np.ndarray:
             return _pil_to_float(img, path)
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (Pillow cannot identify the format)") from None
+    except Image.DecompressionBombError as e:  # refused by Pillow from the header, before any pixel is allocated
+        raise ImageReadError(path, f"refused before decoding: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data surfaces as OSError from the decoder
         if isinstance(e, ImageReadError):
             raise
@@ -117,7 +150,10 @@ def _read_dicom(path: Path) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     try:
+        _check_dicom_size(path)
         ds = pydicom.dcmread(path)
+    except ImageReadError:
+        raise
     except InvalidDicomError as e:
         raise ImageReadError(path, f"not a valid DICOM file ({e})") from None
     except Exception as e:  # pydicom raises EOFError/OSError/struct errors/ValueError on truncated headers
@@ -142,11 +178,47 @@ def _read_dicom(path: Path) -> np.ndarray:
     return _dicom_mono_to_display(arr, ds, photometric)
 
 
+def _check_dicom_size(path: Path) -> None:
+    """Refuse a DICOM whose header claims more than ``MAX_IMAGE_PIXELS`` per frame, or whose deflated body inflates
+    past the bytes such an image could need, before the pixel data is read or allocated (decompression bombs)."""
+    import zlib
+
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        limit, inflated = MAX_IMAGE_PIXELS * 8, 0
+        with open(path, "rb") as f:
+            # preamble + "DICM" + the (plain) meta group: group length element (12 bytes) + its value; then the rest
+            # is deflated: inflate it in bounded steps
+            f.seek(128 + 4 + 12 + int(meta.FileMetaInformationGroupLength))
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            while chunk := f.read(1 << 20):
+                while chunk:
+                    inflated += len(inflater.decompress(chunk, 1 << 24))
+                    chunk = inflater.unconsumed_tail
+                    if inflated > limit:
+                        raise ImageReadError(path, f"deflated data inflates past {limit >> 20} MB: refused before "
+                                                   "decoding (decompression bomb?)")
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    if rows * cols * samples > MAX_IMAGE_PIXELS:
+        raise ImageReadError(path, f"header claims {cols} x {rows} px x {samples} sample(s), over the "
+                                   f"{MAX_IMAGE_PIXELS >> 20} M px limit: refused before decoding (decompression "
+                                   "bomb or corrupt header)")
+
+
 def _decode_dicom_pixels(ds, path: Path, n_frames: int) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(tsyntax, "name", str(tsyntax))
+    pydicom_logger = logging.getLogger("pydicom")
+    level = pydicom_logger.level
+    # pydicom logs each failing decoder plugin with a full traceback; the ImageReadError below carries their messages
+    pydicom_logger.setLevel(logging.CRITICAL)
     try:
         if n_frames > 1:
             # decode only the first frame: a 60-frame fluoro series must not cost 60 decodes
@@ -162,6 +234,8 @@ def _decode_dicom_pixels(ds, path: Path, n_frames: int) -> np.ndarray:
     except Exception as e:  # short pixel data, bad fragments, decoder errors
         raise ImageReadError(path, f"truncated or corrupt DICOM pixel data ({ts_name}: {type(e).__name__}: "
                                    f"{e})") from None
+    finally:
+        pydicom_logger.setLevel(level)
 
 
 def _dicom_mono_to_display(arr: np.ndarray, ds, photometric: str) -> np.ndarray:

@@ -72,7 +72,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.is_dir():
         names = {p.name for p in path.iterdir()}
         if names & {"prepare.json", "dataset_info.json", "state.json", "manifest.parquet", "manifest.csv",
-                    "manifest.jsonl", "dataset_dict.json"}:
+                    "manifest.jsonl", "dataset_dict.json"} or (path / "dataset" / "state.json").is_file():
             return "rvl"
         if MIMIC_METADATA in names or MIMIC_METADATA + ".gz" in names:
             return "mimic"
@@ -128,6 +128,9 @@ def _read_rvl(path: Path, image_column: str = "image_paths") -> pd.DataFrame:
     if path.is_dir():
         if (path / "prepare.json").exists():
             return read_cache_frame(path)
+        if (path / "dataset" / "state.json").is_file():
+            raise ManifestError(f"{path / 'prepare.json'}: missing: a prepared cache without its header (deleted, or "
+                                "the run was interrupted); run `rvl prepare` again on its manifest")
         for name in ("manifest.parquet", "manifest.jsonl", "manifest.csv"):
             if (path / name).exists():
                 return _read_rvl(path / name, image_column)

@@ -26,11 +26,11 @@ SPLITS = ("train", "validate", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "validate", "val": "validate",
                   "validate": "validate", "validation": "validate", "dev": "validate", "test": "test"}
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
+SCALAR_COLUMNS = ["patient_id", "study_id", "study_date", "split", "report", *CHEXPERT_LABELS]
 
 
 class ManifestError(ValueError):
     """A manifest (or a source layout being converted) is malformed; the message names the file and row."""
-
 
 
 def _as_list(value: Any, column: str, origin: str, row: int) -> list:
@@ -67,20 +67,29 @@ def finalize_manifest(frame: pd.DataFrame, base_dir: str | os.PathLike, origin: 
         if len(row_views) != len(paths):
             raise ManifestError(f"{origin}: row {i} (study {frame['study_id'].iloc[i]}): {len(paths)} image_paths "
                                 f"but {len(row_views)} view_positions")
-        image_paths.append([p if os.path.isabs(p) else os.path.normpath(base_dir / p) for p in paths])
+        image_paths.append([_under_root(p, base_dir, origin, i, frame["study_id"].iloc[i]) for p in paths])
         views.append([normalize_view(v) for v in row_views])
     frame["image_paths"], frame["view_positions"] = image_paths, views
     for col in [c for c in frame.columns if c.endswith("_paths") and c != "image_paths"]:  # e.g. dicom_paths
         frame[col] = [[p if os.path.isabs(p) else os.path.normpath(base_dir / p)
                        for p in _as_list(v, col, origin, i)] if not _is_missing(v) else None
                       for i, v in enumerate(frame[col])]
+    for col in [c for c in SCALAR_COLUMNS if c in frame.columns]:
+        bad = [i for i, v in enumerate(frame[col]) if isinstance(v, (list, tuple, dict, np.ndarray))]
+        if bad:
+            raise ManifestError(f"{origin}: row {bad[0]} (study {frame['study_id'].iloc[bad[0]]}): column {col!r} "
+                                f"holds a {type(frame[col].iloc[bad[0]]).__name__}, expected one value per study "
+                                f"({len(bad)} row(s) like this)")
     for col in ("patient_id", "study_id"):
         if frame[col].isna().any():
             raise ManifestError(f"{origin}: row {int(frame[col].isna().idxmax())}: empty {col}")
         frame[col] = frame[col].astype(str)
-    duplicated = frame["study_id"].duplicated()
+    duplicated = frame["study_id"].duplicated(keep=False)
     if duplicated.any():
-        raise ManifestError(f"{origin}: duplicate study_id {frame['study_id'][duplicated].iloc[0]!r}")
+        study = frame["study_id"][duplicated].iloc[0]
+        rows = [int(i) for i in np.flatnonzero((frame["study_id"] == study).to_numpy())]
+        raise ManifestError(f"{origin}: duplicate study_id {study!r} in rows {rows} ({int(duplicated.sum())} rows "
+                            "share a study_id with another); one row per study")
     frame["study_date"] = [_iso_date(d) for d in frame.get("study_date", [""] * len(frame))]
     frame["report"] = frame.get("report", pd.Series([""] * len(frame))).fillna("").astype(str)
     by_patient = assign_splits(frame["patient_id"])  # for rows without a split
@@ -88,8 +97,7 @@ def finalize_manifest(frame: pd.DataFrame, base_dir: str | os.PathLike, origin: 
     frame["split"] = [SPLIT_ALIASES.get(str(s).strip().lower(), str(s).strip()) if isinstance(s, str) and s.strip()
                       else default for s, default in zip(given, by_patient)]
     for label in CHEXPERT_LABELS:
-        frame[label] = pd.to_numeric(frame[label], errors="coerce").astype(np.float64) if label in frame \
-            else np.nan
+        frame[label] = _label_values(frame[label], label, origin, frame["study_id"]) if label in frame else np.nan
     if "finding_boxes" not in frame:
         frame["finding_boxes"] = [json.dumps([[] for _ in ps]) for ps in image_paths]
     else:
@@ -102,6 +110,30 @@ def finalize_manifest(frame: pd.DataFrame, base_dir: str | os.PathLike, origin: 
                              for v in frame["findings"]]
     extra = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
     return frame[MANIFEST_COLUMNS + extra]
+
+
+def _under_root(path: str, base_dir: Path, origin: str, row: int, study: Any) -> str:
+    """Absolute form of a manifest image path; a relative one that climbs out of the manifest's folder is refused
+    (a typo or a hostile manifest: absolute paths say where they point)."""
+    if os.path.isabs(path):
+        return path
+    full = os.path.normpath(base_dir / path)
+    if os.path.relpath(full, os.path.normpath(base_dir)).split(os.sep)[0] == "..":
+        raise ManifestError(f"{origin}: row {row} (study {study}): image path {path!r} points outside the manifest "
+                            f"folder {base_dir}; write it as an absolute path if that is intended")
+    return full
+
+
+def _label_values(values: pd.Series, label: str, origin: str, studies: pd.Series) -> pd.Series:
+    """A label column as float64 in {1, 0, -1, NaN}; anything else (text, 2, 0.5, inf) is refused with its row."""
+    blank = values.isna() | values.map(lambda v: isinstance(v, str) and v.strip().lower() in ("", "nan", "none"))
+    numbers = pd.to_numeric(values.where(~blank), errors="coerce").astype(np.float64)
+    bad = ~blank & ~numbers.isin([1.0, 0.0, -1.0])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ManifestError(f"{origin}: row {row} (study {studies.iloc[row]}): label {label!r} is "
+                            f"{values.iloc[row]!r}; expected 1, 0, -1 or blank ({int(bad.sum())} row(s) like this)")
+    return numbers
 
 
 def _is_missing(value: Any) -> bool:

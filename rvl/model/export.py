@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
-from rvl.fileio import replace_dir
+from rvl.fileio import raise_if_disk_full, replace_dir
+from rvl.integrity import write_checksums
 
 __all__ = ["save_pretrained", "OPEN_CLIP_CONFIG_NAME", "OPEN_CLIP_WEIGHTS_NAME", "RVL_CONFIG_NAME",
            "RVL_WEIGHTS_SUBDIR", "RVL_WEIGHTS_NAME"]
@@ -27,14 +29,29 @@ def save_pretrained(model, save_dir: str | Path) -> Path:
 
     Layout: ``open_clip_config.json``, ``open_clip_model.safetensors``, tokenizer files, the HF text tower's
     ``config.json`` (so the folder loads without the original text-tower path), ``rvl_config.json`` and
-    ``rvl/rvl_heads.safetensors`` (fusion, view-type embedding, caption decoder).
+    ``rvl/rvl_heads.safetensors`` (fusion, view-type embedding, caption decoder), and ``checksums.json`` (sha256 of
+    every other file).
     """
-    import safetensors.torch
-    from open_clip.push_to_hf_hub import save_for_hf
-
     save_dir = Path(save_dir).resolve()
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+    try:
+        _write_folder(model, tmp, save_dir)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous export stays as it was
+        raise_if_disk_full(save_dir.parent, err, f"the model export {save_dir}")
+        raise
+    replace_dir(tmp, save_dir)
+    for stale in save_dir.parent.glob(f".{save_dir.name}.tmp-*"):  # half-written exports of killed runs
+        shutil.rmtree(stale, ignore_errors=True)
+    return save_dir
+
+
+def _write_folder(model, tmp: Path, save_dir: Path) -> None:
+    """Every file of the export into ``tmp`` (``save_dir``: the final place, named inside the HF config)."""
+    import safetensors.torch
+    from open_clip.push_to_hf_hub import save_for_hf
+
     model_cfg = copy.deepcopy(model.model_cfg)
     text_cfg = model_cfg.get("text_cfg", {})
     if text_cfg.get("hf_model_name"):
@@ -49,5 +66,4 @@ def save_pretrained(model, save_dir: str | Path) -> Path:
     (tmp / RVL_WEIGHTS_SUBDIR).mkdir()
     heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
     safetensors.torch.save_file(heads, str(tmp / RVL_WEIGHTS_SUBDIR / RVL_WEIGHTS_NAME))
-    replace_dir(tmp, save_dir)
-    return save_dir
+    write_checksums(tmp)  # checksums.json: from_pretrained and `rvl verify` check every file against it

@@ -232,9 +232,15 @@ def from_pretrained(path: str | Path):
     """Load an :class:`rvl.model.RVLModel` saved by :func:`save_pretrained` (safetensors only)."""
     import safetensors.torch
 
+    from rvl.integrity import read_checksums, require_intact
+
     path = Path(str(path).removeprefix("local-dir:")).resolve()
     if not (path / OPEN_CLIP_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {OPEN_CLIP_CONFIG_NAME}; not an rvl/open_clip model folder")
+    rebuild = "export it again from its run (rvl pretrain --resume with the same --output-dir re-exports DIR/model)"
+    table = read_checksums(path, rebuild)
+    if table is not None:  # folders exported before checksums (or by plain open_clip) load unchecked
+        require_intact(path, table, rebuild)
     oc = json.loads((path / OPEN_CLIP_CONFIG_NAME).read_text())
     model_cfg, preprocess_cfg = oc["model_cfg"], oc.get("preprocess_cfg", {})
     rvl_cfg = DEFAULT_RVL_CFG

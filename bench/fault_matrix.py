@@ -1,0 +1,272 @@
+"""Fault matrix: every long rvl command and every artifact kind under kills, corruption, a full disk, two writers and a
+corpus of bad inputs; plus the cost of checking a ~1 GB cache's checksums.
+
+Cells (each prints survived / lost / silent / traceback):
+
+- kill: SIGKILL at seeded random moments (every third one the moment a temporary file of a write appears), then the
+  same command again (``--resume`` for pretrain): the artifacts must equal an uninterrupted run's, bit for bit
+  (cache data files, label output, index files; every weight tensor for training), with no temporary file left.
+- corrupt: flip bytes in, truncate and delete each file of each artifact kind: its reader must refuse naming the file
+  (or, for a file the reader does not need, keep working with intact data) and ``rvl verify`` must name it.
+- disk full: the output on a small tmpfs (root) or with RLIMIT_FSIZE: exit 2 with a clear message, no traceback, and
+  the previous version of the artifact still verifies and equals what it was.
+- two writers: a second writer started while the first holds the output: refused (or waits), output equal to the
+  reference.
+- bad inputs: the full corpus of rvl.bad_inputs through every reader / CLI entry.
+
+    .venv/bin/python bench/fault_matrix.py [--quick] [--kills 15] [--cache-gb 1.0] [--work DIR]
+
+``rvl finetune`` is being built on another branch: add its command to ``commands()`` (a ``KillSpec``) when it lands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "TOKENIZERS_PARALLELISM": "false"})
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fault_cells import (ARTIFACT_READERS, checksum_cost, corrupt_cells, disk_full_cell, same_cache,  # noqa: E402
+                         same_files, same_weights)
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+RVL = [sys.executable, "-m", "rvl"]
+GOOD = ("survived",)
+
+
+@dataclass
+class KillSpec:
+    """A long command: its first and rerun argv for an output folder, and how to compare with the reference."""
+
+    name: str
+    argv: Callable[[Path], list[str]]
+    rerun: Callable[[Path], list[str]]
+    same: Callable[[Path, Path], tuple[bool, str]]
+
+
+class Matrix:
+    def __init__(self):
+        self.cells: list[tuple[str, str, str, str]] = []
+
+    def add(self, row: str, fault: str, verdict: str, detail: str = "") -> None:
+        self.cells.append((row, fault, verdict, detail))
+        mark = "ok " if verdict in GOOD else "!! "
+        print(f"  {mark}{row:<22} {fault:<28} {verdict:<10} {detail[:150]}", flush=True)
+
+    def table(self) -> str:
+        faults = sorted({c[1].split(":")[0] for c in self.cells})
+        rows = sorted({c[0] for c in self.cells})
+        lines = [f"{'command / artifact':<24}" + "".join(f"{f:>22}" for f in faults)]
+        for row in rows:
+            cells = []
+            for fault in faults:
+                mine = [c for c in self.cells if c[0] == row and c[1].split(":")[0] == fault]
+                good = sum(c[2] in GOOD for c in mine)
+                cells.append(f"{good}/{len(mine)} survived" if mine else "-")
+            lines.append(f"{row:<24}" + "".join(f"{c:>22}" for c in cells))
+        verdicts = {}
+        for c in self.cells:
+            verdicts[c[2]] = verdicts.get(c[2], 0) + 1
+        lines.append("totals: " + ", ".join(f"{v} {k}" for k, v in sorted(verdicts.items())) +
+                     f" of {len(self.cells)} cells")
+        return "\n".join(lines)
+
+
+def run(argv: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def leftovers(out: Path) -> list[str]:
+    return [str(p.relative_to(out)) for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------------------ setup
+def setup(work: Path, n_studies: int) -> dict[str, Path]:
+    """Phantoms, a reports CSV, and the uninterrupted reference runs of every command."""
+    import pandas as pd
+
+    from rvl.phantoms import generate_phantoms
+
+    paths = {"phantoms": generate_phantoms(work / "phantoms", n_studies, size=64, seed=0, progress=False)}
+    paths["manifest"] = work / "phantoms" / "manifest.parquet"
+    reports = pd.read_parquet(paths["manifest"])["report"]
+    pd.DataFrame({"report": list(reports) * 40}).to_csv(work / "reports.csv", index=False)
+    paths["reports"] = work / "reports.csv"
+    return paths
+
+
+def commands(paths: dict[str, Path], ref: Path) -> list[KillSpec]:
+    prepare = ["prepare", str(paths["manifest"]), "--size", "64", "--shard-studies", "4", "--workers", "1",
+               "--no-progress"]
+    label = ["label", str(paths["reports"]), "--chunk-size", "100", "--no-progress"]
+    pretrain = ["pretrain", "--data", str(ref / "prepare" / "cache"), "--model", "rvl-tiny", "--max-steps", "9",
+                "--batch-size", "8", "--save-every", "3", "--seed", "3", "--eval-every", "100", "--log-with", "none",
+                "--cpu"]
+    index = ["index", "build", "--model", str(ref / "pretrain" / "run" / "model"), "--data",
+             str(ref / "prepare" / "cache"), "--device", "cpu"]
+    return [
+        KillSpec("prepare", lambda o: [*RVL, *prepare, "--out", str(o / "cache")],
+                 lambda o: [*RVL, *prepare, "--out", str(o / "cache")],
+                 lambda a, b: same_cache(a / "cache", b / "cache")),
+        KillSpec("label", lambda o: [*RVL, *label, "--output", str(o / "labels.csv")],
+                 lambda o: [*RVL, *label, "--output", str(o / "labels.csv")],
+                 lambda a, b: same_files(a, b, ["labels.csv", "labels.csv.sha256"])),
+        KillSpec("pretrain", lambda o: [*RVL, *pretrain, "--output-dir", str(o / "run")],
+                 lambda o: [*RVL, *pretrain, "--output-dir", str(o / "run"), "--resume"],
+                 lambda a, b: same_weights(a / "run" / "model", b / "run" / "model")),
+        KillSpec("index build", lambda o: [*RVL, *index, "--out", str(o / "idx")],
+                 lambda o: [*RVL, *index, "--out", str(o / "idx")],
+                 lambda a, b: same_files(a / "idx", b / "idx", ["index.faiss", "metadata.parquet"])),
+        # rvl finetune: being built on another branch; its KillSpec goes here (first run, --resume, weight equality)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------ kill cells
+def kill_cells(spec: KillSpec, ref_out: Path, ref_seconds: float, work: Path, n_kills: int, matrix: Matrix) -> None:
+    for k in range(n_kills):
+        rng = random.Random(1000 * len(spec.name) + k)
+        out = work / f"{spec.name.replace(' ', '_')}-{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        inside_write = k % 3 == 2
+        delay = rng.uniform(0.05, 0.95) * ref_seconds
+        proc = subprocess.Popen(spec.argv(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start, moment = time.perf_counter(), ""
+        while proc.poll() is None:
+            elapsed = time.perf_counter() - start
+            if inside_write and leftovers(out) and elapsed > delay / 3:
+                moment = f"inside a write ({leftovers(out)[0]}) at {elapsed:.2f}s"
+            elif not inside_write and elapsed >= delay:
+                moment = f"at {elapsed:.2f}s"
+            if moment:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.003 if inside_write else 0.01)
+        proc.wait()
+        if not moment:
+            moment = "finished before the kill"
+        done = run(spec.rerun(out))
+        if "Traceback" in done.stderr:
+            matrix.add(spec.name, f"kill:{k}", "traceback", done.stderr[-300:])
+            continue
+        same, detail = spec.same(ref_out, out) if done.returncode == 0 else (False, done.stderr[-300:])
+        left = leftovers(out)
+        verdict = "survived" if same and not left else "lost"
+        matrix.add(spec.name, f"kill:{k}", verdict, f"{moment}; {detail}" + (f"; leftovers {left}" if left else ""))
+
+
+# ------------------------------------------------------------------------------------------------- two writers
+def two_writer_cell(spec: KillSpec, ref_out: Path, lock_of: Callable[[Path], Path], work: Path,
+                    matrix: Matrix) -> None:
+    out = work / f"two-{spec.name.replace(' ', '_')}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    first = subprocess.Popen(spec.argv(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not lock_of(out).exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    second = run(spec.argv(out))
+    first_out, first_err = first.communicate()
+    refused = second.returncode == 2 and "being written by another process" in second.stderr
+    waited = second.returncode == 0 and first.returncode == 0
+    same, detail = spec.same(ref_out, out) if first.returncode == 0 else (False, first_err[-300:])
+    verdict = "survived" if same and (refused or waited) else ("traceback" if "Traceback" in second.stderr +
+                                                               first_err else "lost")
+    how = "second refused" if refused else ("second ran after the first" if waited else
+                                            f"second exit {second.returncode}")
+    matrix.add(spec.name, "two writers", verdict, f"{how}; {detail}")
+
+
+# ------------------------------------------------------------------------------------------------------ bad inputs
+def bad_input_cells(work: Path, model_dir: Path, matrix: Matrix) -> None:
+    from rvl.bad_inputs import build_corpus
+    from rvl.bad_inputs_run import ENTRIES, run_case, run_prepare_batch
+
+    cases = build_corpus(work / "corpus", full=True)
+    images = [c for c in cases if c.kind == "image"]
+    for name, outcome in run_prepare_batch(images, work / "batch").items():
+        matrix.add("bad input: prepare", name, _fuzz_verdict(outcome), outcome.message[-120:])
+    for case in cases:
+        for entry in ENTRIES[case.kind]:
+            if entry == "prepare" and case.kind == "image":
+                continue  # covered by the batch above
+            if entry == "prepare-strict" and case.expect != "error":
+                continue
+            outcome = run_case(case, entry, work / "runs" / f"{entry}-{case.path.name}", model_dir)
+            matrix.add(f"bad input: {entry}", case.name, _fuzz_verdict(outcome), outcome.message[-120:])
+
+
+def _fuzz_verdict(outcome) -> str:
+    return "survived" if outcome.ok else {"traceback": "traceback"}.get(outcome.verdict, "silent")
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 kills per command, a 0.2 GB cache")
+    parser.add_argument("--kills", type=int, default=15, help="kill moments per command (default 15: 60 in all)")
+    parser.add_argument("--cache-gb", type=float, default=1.0, help="size of the cache for the checksum cost")
+    parser.add_argument("--studies", type=int, default=40, help="phantom studies (default 40)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="subset of: kill corrupt disk-full two-writers bad-inputs checksum-cost")
+    parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
+    args = parser.parse_args()
+    kills, cache_gb = (3, 0.2) if args.quick else (args.kills, args.cache_gb)
+    only = set(args.only or ["kill", "corrupt", "disk-full", "two-writers", "bad-inputs", "checksum-cost"])
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rvl-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    print(f"fault matrix in {work} ({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
+    paths = setup(work / "data", args.studies)
+    ref = work / "ref"
+    specs = commands(paths, ref)
+    seconds = {}
+    for spec in specs:  # the reference runs, in order: pretrain reads the cache, index build the model
+        (ref / spec.name.split()[0]).mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        done = run(spec.argv(ref / spec.name.split()[0]))
+        seconds[spec.name] = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"reference {spec.name} failed:\n{done.stderr[-3000:]}")
+        print(f"reference {spec.name}: {seconds[spec.name]:.1f} s")
+    matrix = Matrix()
+    refs = {s.name: ref / s.name.split()[0] for s in specs}
+    if "kill" in only:
+        for spec in specs:
+            kill_cells(spec, refs[spec.name], seconds[spec.name], work / "kill", kills, matrix)
+    if "corrupt" in only:
+        corrupt_cells(refs, paths, work / "corrupt", matrix)
+    if "disk-full" in only:
+        for spec in specs:
+            disk_full_cell(spec, refs[spec.name], paths, work / "full", matrix, ENV)
+    if "two-writers" in only:
+        locks = {"prepare": lambda o: o / "cache" / ".prepare.lock", "label": lambda o: o / ".labels.csv.lock",
+                 "pretrain": lambda o: o / "run" / ".pretrain.lock", "index build": lambda o: o / ".idx.lock"}
+        for spec in specs:
+            two_writer_cell(spec, refs[spec.name], locks[spec.name], work / "two", matrix)
+    if "bad-inputs" in only:
+        bad_input_cells(work / "bad", refs["pretrain"] / "run" / "model", matrix)
+    print("\n" + matrix.table())
+    print(f"\nkinds of artifact checked for corruption: {', '.join(sorted(ARTIFACT_READERS))}")
+    if "checksum-cost" in only:
+        print("\n" + checksum_cost(work / "big", cache_gb))
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(c[2] in GOOD for c in matrix.cells) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
