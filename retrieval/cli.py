@@ -182,8 +182,8 @@ def _model_source(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from rvl.fileio import OutputBusyError, exclusive_output
 
-    out = Path(args.out).absolute()
-    try:  # the folder is swapped in whole, so its lock lives beside it: a second build is refused, not interleaved
+    out = Path(args.out if args.index_command == "build" else args.index).absolute()
+    try:  # the folder is swapped in whole, so its lock lives beside it: a second writer is refused, not interleaved
         with exclusive_output(out.parent / f".{out.name}.lock", f"the index {out}"):
             return _build(args)
     except OutputBusyError as err:
