@@ -151,7 +151,6 @@ def train(cfg: Config) -> int:
     except (ValueError, FileNotFoundError, TowerMismatchError) as err:  # a bad --init / tower source
         print(f"rvl pretrain: {err}", file=sys.stderr)
         return 2
-    logger.info("model initialisation:\n" + load_report.table())
     lock_towers(model, cfg.model.lock_image, cfg.model.lock_image_unlocked_groups,
                 cfg.model.lock_image_freeze_bn_stats, cfg.model.lock_text, cfg.model.lock_text_unlocked_layers,
                 cfg.model.lock_text_freeze_layer_norm)
@@ -164,6 +163,7 @@ def train(cfg: Config) -> int:
         except ValueError as err:
             print(f"rvl pretrain: --cache-text-features: {err}", file=sys.stderr)
             return 2
+    logger.info("model initialisation:\n" + load_report.recount(model).table())
     train_set.image_transform = model.preprocess_train
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

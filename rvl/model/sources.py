@@ -55,6 +55,12 @@ class LoadReport:
     rows: list[tuple[str, str, int]] = field(default_factory=list)  # (part, source or "new", parameters)
     pretrained: set[str] = field(default_factory=set)
 
+    def recount(self, model) -> "LoadReport":
+        """Parameter counts of ``model`` as it is now (e.g. after the caption vocabulary was made compact)."""
+        counts = dict(_part_counts(model))
+        self.rows = [(part, source, counts.get(part, count)) for part, source, count in self.rows]
+        return self
+
     def table(self) -> str:
         width = max([len(r[1]) for r in self.rows] + [6])
         lines = [f"{'part':<22} {'source':<{width}} {'parameters':>12}"]
