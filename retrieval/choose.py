@@ -101,10 +101,10 @@ def candidate_factories(n_vectors: int, dim: int, max_bytes_per_vector: float | 
     out.append("HNSW32")
     flat_bytes = estimate_bytes_per_vector("IVF1,Flat", dim)
     if n_vectors >= LARGE_COLLECTION or (max_bytes_per_vector is not None and max_bytes_per_vector < flat_bytes):
-        n_lists = next((n for n in reversed(lists) if n_vectors >= 39 * n), 16)
-        out += [ivf_factory(n_lists, "SQ8")]
+        trainable = [n for n in lists if n_vectors >= 39 * n] or [16]
+        out += [ivf_factory(n, "SQ8") for n in trainable[-3:-1] or trainable[-1:]]
         if dim % 2 == 0:
-            out += [ivf_factory(n_lists, f"PQ{dim // 2}x4fs,RFlat")]
+            out += [ivf_factory(trainable[-1], f"PQ{dim // 2}x4fs,RFlat")]
     if max_bytes_per_vector is not None:
         out = [f for f in out if estimate_bytes_per_vector(f, dim) <= max_bytes_per_vector]
     return out
