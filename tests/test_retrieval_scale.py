@@ -147,6 +147,10 @@ def test_add_batches_from_memory_mapped_shards(tmp_path, data):
     np.testing.assert_array_equal(np.sort(index.ids), np.sort(np.r_[ids, np.arange(5) + 10**9]))
     assert index.search(vectors[3000:3001], 1)[1][0, 0] == ids[3000]
     assert sample_rows(tmp_path / "emb", 50).shape == (50, 32)
+    with pytest.raises(ValueError, match="3999 ids for 4000 embedding rows|3999 ids for more"):
+        list(iter_embedding_batches(tmp_path / "emb", ids[:-1], batch_size=700))
+    with pytest.raises(FileNotFoundError, match="no .npy"):
+        list(iter_embedding_batches(tmp_path / "missing"))
 
 
 def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
@@ -173,6 +177,9 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
     assert moved.on_disk_lists == tmp_path / "moved" / "index.ivfdata" and len(moved) == len(vectors) - 100
     np.testing.assert_array_equal(moved.search(queries, 10)[1], index.search(queries, 10)[1])
     assert not np.isin(moved.search(vectors[:100], 10)[1], ids[:100]).any()
+    with pytest.raises(ValueError, match="need an IVF factory"):
+        build_on_disk_index(batches, tmp_path / "hnsw", "HNSW16", vectors[:500])
+    assert not (tmp_path / "hnsw").exists() and not list(tmp_path.glob(".hnsw.tmp-*"))  # nothing half-written
 
 
 def test_index_remove_and_compact_cli(tmp_path, data, capsys):
