@@ -177,6 +177,15 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
     assert moved.on_disk_lists == tmp_path / "moved" / "index.ivfdata" and len(moved) == len(vectors) - 100
     np.testing.assert_array_equal(moved.search(queries, 10)[1], index.search(queries, 10)[1])
     assert not np.isin(moved.search(vectors[:100], 10)[1], ids[:100]).any()
+    assert moved.compact() == 100 and len(moved.removed_ids) == 0 and moved.faiss_index.ntotal == len(ids) - 100
+    index.set_search_params("nprobe=32")  # all lists: both answers exact (tuned nprobe rows can fall back to exact)
+    moved.set_search_params("nprobe=32")
+    np.testing.assert_array_equal(moved.search(queries, 10)[1], index.search(queries, 10)[1])
+    compacted = EmbeddingIndex.load(moved.save(tmp_path / "moved"))  # the compacted lists replace the old ones
+    assert compacted.on_disk_lists == tmp_path / "moved" / "index.ivfdata" and len(compacted.removed_ids) == 0
+    np.testing.assert_array_equal(compacted.search(queries, 10)[1], index.search(queries, 10)[1])
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["index.faiss", "index.ivfdata", "index.json",
+                                                                       "metadata.parquet"]
     with pytest.raises(ValueError, match="need an IVF factory"):
         build_on_disk_index(batches, tmp_path / "hnsw", "HNSW16", vectors[:500])
     assert not (tmp_path / "hnsw").exists() and not list(tmp_path.glob(".hnsw.tmp-*"))  # nothing half-written
