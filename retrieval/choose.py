@@ -212,16 +212,16 @@ class _BuildClock:
     to predicted time of the candidates built so far (exact search suffers more from a busy machine than k-means)."""
 
     HNSW_UNITS_PER_VECTOR = 20_000  # HNSW32 insertion, efConstruction 40
-    GRAPH_QUANTIZER_UNITS = 3_000  # an HNSW coarse-quantiser lookup, per vector and k-means iteration
+    GRAPH_QUANTIZER_UNITS = 4_500  # an HNSW coarse-quantiser lookup, per vector and k-means iteration
 
     def __init__(self, flat_seconds: float, n_queries: int, n_vectors: int) -> None:
         self.unit_s = flat_seconds / max(1, n_queries * n_vectors)
         self.correction = 1.0
 
     def observe(self, factory: str, n_vectors: int, seconds: float) -> None:
-        predicted = self.estimate(factory, n_vectors) / self.correction
-        if predicted > 0:
-            self.correction = seconds / predicted
+        raw = self._raw_estimate(factory, n_vectors)
+        if raw > 0:
+            self.correction = seconds / raw
 
     def estimate(self, factory: str, n_vectors: int) -> float:
         return self.correction * self._raw_estimate(factory, n_vectors)
