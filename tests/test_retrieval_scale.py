@@ -82,6 +82,19 @@ def test_never_slower_than_exact_and_budget_bounds_the_build(data):
     assert factory == "Flat" and report["candidates"][1]["status"] in ("below target", "slower than exact")
 
 
+def test_memory_budget_and_the_first_candidate_is_always_measured(data):
+    vectors, ids, _ = data
+    flat_bytes = estimate_bytes_per_vector("Flat", 32)
+    # a tiny time budget still measures the first candidate; a memory budget below Flat rules exact search out
+    index, factory, _, report = choose_index(vectors, ids, 0.9, candidates=["IVF32,SQ8", "HNSW16"], budget_s=1e-6,
+                                             min_speedup=1e9, max_bytes_per_vector=flat_bytes - 1)
+    rows = {r["factory"]: r for r in report["candidates"]}
+    assert factory == "IVF32,SQ8" and rows["IVF32,SQ8"]["status"].startswith("chosen")
+    assert rows["HNSW16"]["status"].startswith("skipped") and index.ntotal == len(vectors)
+    _, factory, _, _ = choose_index(vectors, ids, 0.9, candidates=["IVF32,SQ8"], budget_s=1e-6, min_speedup=1e9)
+    assert factory == "Flat"  # the same measurement, but Flat fits: never slower than exact
+
+
 def test_build_stores_the_choice_and_old_headers_still_load(tmp_path, data):
     vectors, ids, queries = data
     index = EmbeddingIndex.build(vectors, ids, candidates=["IVF32,Flat", "HNSW16"], target_recall=0.9)
