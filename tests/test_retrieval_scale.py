@@ -174,7 +174,7 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
                                  iter_embedding_batches(tmp_path / "emb.npy", ids, batch_size=1000)):
             yield v, i, pd.DataFrame({"n": np.arange(start, start + len(i))})
 
-    index = build_on_disk_index(batches, tmp_path / "idx", "IVF32,Flat", sample_rows(tmp_path / "emb.npy", 2000),
+    index = build_on_disk_index(batches(), tmp_path / "idx", "IVF32,Flat", sample_rows(tmp_path / "emb.npy", 2000),
                                 target_recall=0.95)
     assert index.on_disk_lists == tmp_path / "idx" / "index.ivfdata" and len(index) == len(vectors)
     assert index.search_params.startswith("nprobe=") and index.choice["recall"] >= 0.95
@@ -200,7 +200,7 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
     assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["index.faiss", "index.ivfdata", "index.json",
                                                                        "metadata.parquet"]
     with pytest.raises(ValueError, match="need an IVF factory"):
-        build_on_disk_index(batches, tmp_path / "hnsw", "HNSW16", vectors[:500])
+        build_on_disk_index(batches(), tmp_path / "hnsw", "HNSW16", vectors[:500])
     assert not (tmp_path / "hnsw").exists() and not list(tmp_path.glob(".hnsw.tmp-*"))  # nothing half-written
 
 
