@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_index_choice.py                      # 200k x 256 easy + hard, 10k real studies
     .venv/bin/python bench/bench_index_choice.py --real-studies 50000 # more real embeddings (slow: ~30 studies/s)
-    .venv/bin/python bench/bench_index_choice.py --million            # adds 1M x 256 hard, <= 300 bytes/vector
+    .venv/bin/python bench/bench_index_choice.py --million [--shapes]  # adds 1M x 256 hard, <= 300 bytes/vector
 
 Shapes: "easy" = the clustered mixture of bench_retrieval.py (separation 0.75); "hard" = 1,000 cluster centres plus
 1.5x Gaussian noise, normalised (issue 12: an IVF1024 trained on 64 points per list stalled near recall 0.90 there);
@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=1000, help="new queries per shape (not in the database)")
     parser.add_argument("--real-studies", type=int, default=10_000, help="phantom studies embedded (0: skip)")
-    parser.add_argument("--shapes", nargs="+", default=["easy", "hard", "real"])
+    parser.add_argument("--shapes", nargs="*", default=["easy", "hard", "real"], help="easy hard real (none: only "
+                        "--million)")
     parser.add_argument("--million", action="store_true", help="also 1M x 256 hard, <= 300 bytes/vector")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="build-time budget per shape (s)")
     parser.add_argument("--work", default="bench_work", help="folder for the phantoms and cached embeddings")

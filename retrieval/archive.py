@@ -1,6 +1,6 @@
 """Archives larger than RAM: embeddings streamed in batches, IVF indexes whose inverted lists live on disk.
 
-    batches = lambda: iter_embedding_batches("emb/", ids="ids.npy", batch_size=65_536)   # memory-mapped .npy shards
+    batches = iter_embedding_batches("emb/", ids="ids.npy", batch_size=65_536)   # memory-mapped .npy shards
     index = build_on_disk_index(batches, "idx_archive", "IVF65536_HNSW32,SQ8", train_vectors=sample_rows("emb/", 2**21))
 
 Only one batch of embeddings is in memory at a time. The lists are written straight into ``index.ivfdata`` (FAISS
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -72,27 +72,31 @@ def sample_rows(source: str | os.PathLike, n: int, seed: int = 0) -> np.ndarray:
                            for s in np.unique(shard)])
 
 
-def build_on_disk_index(batches: Callable[[], Iterable[tuple]], out: str | os.PathLike, factory: str,
-                        train_vectors: np.ndarray, *, model_fingerprint: str | None = None,
-                        extra: dict[str, Any] | None = None, target_recall: float = 0.95, k: int = 10,
-                        n_queries: int = 256, seed: int = 0) -> EmbeddingIndex:
+def build_on_disk_index(batches: Iterable[tuple], out: str | os.PathLike, factory: str, train_vectors: np.ndarray,
+                        *, model_fingerprint: str | None = None, extra: dict[str, Any] | None = None,
+                        target_recall: float = 0.95, k: int = 10, n_queries: int = 256,
+                        seed: int = 0) -> EmbeddingIndex:
     """Stream batches into an IVF index with on-disk inverted lists, tune nprobe, and save the folder atomically.
 
+    One pass over ``batches``: each batch is added to the lists and scanned exactly for the tuning queries (rows of
+    ``train_vectors``), so the exact neighbours needed for tuning come without a second pass or a second copy.
+
     Args:
-        batches: Called twice, each call giving a fresh iterable of ``(vectors, ids)`` or ``(vectors, ids,
-            metadata)`` batches: once to fill the lists, once to compute the exact neighbours of the tuning queries.
+        batches: ``(vectors, ids)`` or ``(vectors, ids, metadata)`` batches (e.g. :func:`iter_embedding_batches`).
         out: Index folder to write (``index.faiss`` + ``index.ivfdata`` + ``metadata.parquet`` + ``index.json``).
         factory: An IVF factory string, e.g. ``"IVF65536_HNSW32,SQ8"`` or ``"IVF16384,PQ64"``.
         train_vectors: Sample for k-means / codebook training (e.g. :func:`sample_rows`).
         model_fingerprint: Identifier of the embedding model.
         extra: Free-form JSON-able info for the header.
         target_recall: nprobe is the smallest reaching this recall@k on ``n_queries`` training rows (their own hit
-            left out) against an exact streamed scan.
+            left out when they are in the archive) against the exact scan.
         k: Neighbours per query for tuning.
         n_queries: Tuning queries.
         seed: Seed of the training sample and tuning queries.
     """
     train_vectors = normalize_rows(train_vectors)
+    queries = train_vectors[np.random.default_rng(seed + 1).choice(len(train_vectors),
+                                                                   min(n_queries, len(train_vectors)), False)]
 
     def write(folder: Path) -> None:
         index = trained_empty_index(factory, train_vectors, seed)
@@ -103,43 +107,49 @@ def build_on_disk_index(batches: Callable[[], Iterable[tuple]], out: str | os.Pa
         ivf.replace_invlists(lists, True)
         lists.this.disown()
         rows: list[pd.DataFrame] = []
-        n_added = 0
-        for batch in batches():
+        nearest = _RunningTopK(queries, k + 1)
+        for batch in batches:
             vectors, ids, metadata = (*batch, None)[:3]
             vectors, ids = normalize_rows(vectors), _as_ids(ids, len(batch[0]))
             if vectors.shape[1] != index.d:
                 raise ValueError(f"batch of dim {vectors.shape[1]}, training vectors have dim {index.d}")
             index.add_with_ids(vectors, ids)
-            n_added += len(ids)
+            nearest.update(vectors, ids)
             frame = metadata.reset_index(drop=True) if metadata is not None else pd.DataFrame(index=range(len(ids)))
             rows.append(frame.assign(id=ids))
-            logger.info("on-disk index: %d vectors added", n_added)
+            logger.info("on-disk index: %d vectors added", index.ntotal)
         metadata = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame({"id": np.zeros(0, np.int64)})
         if len(np.unique(metadata["id"])) != len(metadata):
             raise ValueError("ids must be unique across batches")
         result = EmbeddingIndex(index, factory, metadata, model_fingerprint, extra=extra,
                                 choice={"method": "given, on-disk lists", "factory": factory})
-        _tune_streamed(result, batches, train_vectors, target_recall, k, n_queries, seed)
+        _tune(result, queries, nearest, target_recall, k)
         result.write_files(folder)
 
     atomic_write_dir(out, write)
     return EmbeddingIndex.load(out)
 
 
-def _tune_streamed(index: EmbeddingIndex, batches: Callable[[], Iterable[tuple]], sample: np.ndarray,
-                   target_recall: float, k: int, n_queries: int, seed: int) -> None:
-    """Smallest nprobe reaching the target on sample rows, against exact neighbours from one streamed scan."""
-    queries = sample[np.random.default_rng(seed + 1).choice(len(sample), min(n_queries, len(sample)), False)]
-    best_s = np.full((len(queries), k + 1), -np.inf, np.float32)
-    best_i = np.full((len(queries), k + 1), -1, np.int64)
-    for batch in batches():
-        scores, ids = exact_top_k(queries, normalize_rows(batch[0]), _as_ids(batch[1], len(batch[0])), k + 1)
-        merged_s, merged_i = np.hstack([best_s, scores]), np.hstack([best_i, ids])
-        top = np.argsort(-merged_s, axis=1, kind="stable")[:, :k + 1]
-        best_s, best_i = np.take_along_axis(merged_s, top, 1), np.take_along_axis(merged_i, top, 1)
+class _RunningTopK:
+    """Exact top-k of fixed queries over vectors that arrive in batches."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), k), -np.inf, np.float32)
+        self.ids = np.full((len(queries), k), -1, np.int64)
+
+    def update(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        scores, found = exact_top_k(self.queries, vectors, ids, self.k)
+        merged_s, merged_i = np.hstack([self.scores, scores]), np.hstack([self.ids, found])
+        top = np.argsort(-merged_s, axis=1, kind="stable")[:, :self.k]
+        self.scores, self.ids = np.take_along_axis(merged_s, top, 1), np.take_along_axis(merged_i, top, 1)
+
+
+def _tune(index: EmbeddingIndex, queries: np.ndarray, nearest: _RunningTopK, target_recall: float, k: int) -> None:
+    """Set the smallest nprobe reaching the target recall@k on ``queries`` against their exact neighbours."""
     # a sample row that is in the archive finds itself first (score 1): leave it out of both lists
-    own = np.where(best_s[:, :1] > 1 - 1e-5, best_i[:, :1], -3)
-    truth = np.where(own >= 0, best_i[:, 1:], best_i[:, :k])
+    own = np.where(nearest.scores[:, :1] > 1 - 1e-5, nearest.ids[:, :1], -3)
+    truth = np.where(own >= 0, nearest.ids[:, 1:], nearest.ids[:, :k])
 
     def recall(found: np.ndarray) -> float:
         return recall_at_k(np.where(found == own, -2, found), truth)

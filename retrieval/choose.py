@@ -14,11 +14,13 @@ normalised 256-d vectors ``IVF1024,Flat`` can need ``nprobe=512`` (slower than e
    recall@k on the held-out queries reaches the target, and it is timed on the same queries. A sweep stops as soon as
    the candidate is no faster than exact search.
 3. The fastest candidate that reaches the target wins if it is at least ``min_speedup`` times faster than exact
-   search, otherwise exact ``Flat`` is kept: the default is never slower than no index.
+   search, otherwise exact ``Flat`` is kept: the default is never slower than no index. (With a memory budget that
+   float32 ``Flat`` exceeds, exact search is only the speed baseline and the most accurate candidate within the
+   budget is kept when none reaches the target.)
 
 Build time is bounded: a candidate is started only while the time spent so far plus an estimate of its build time
-(from the measured speed of exact search on this machine) fits in ``budget_s``; candidates are ordered so that the
-cheap, usually good ones come first.
+fits in ``budget_s``. Estimates come from the measured speed of exact search on this machine, corrected by the
+candidates already built; the first (cheapest) candidate is always built unless the budget is 0, to calibrate them.
 """
 from __future__ import annotations
 
@@ -101,10 +103,10 @@ def candidate_factories(n_vectors: int, dim: int, max_bytes_per_vector: float | 
     out.append("HNSW32")
     flat_bytes = estimate_bytes_per_vector("IVF1,Flat", dim)
     if n_vectors >= LARGE_COLLECTION or (max_bytes_per_vector is not None and max_bytes_per_vector < flat_bytes):
-        n_lists = next((n for n in reversed(lists) if n_vectors >= 39 * n), 16)
-        out += [ivf_factory(n_lists, "SQ8")]
+        trainable = [n for n in lists if n_vectors >= 39 * n] or [16]
+        out += [ivf_factory(n, "SQ8") for n in trainable[:-1] or trainable]
         if dim % 2 == 0:
-            out += [ivf_factory(n_lists, f"PQ{dim // 2}x4fs,RFlat")]
+            out += [ivf_factory(trainable[-1], f"PQ{dim // 2}x4fs,RFlat")]
     if max_bytes_per_vector is not None:
         out = [f for f in out if estimate_bytes_per_vector(f, dim) <= max_bytes_per_vector]
     return out
@@ -212,16 +214,16 @@ class _BuildClock:
     to predicted time of the candidates built so far (exact search suffers more from a busy machine than k-means)."""
 
     HNSW_UNITS_PER_VECTOR = 20_000  # HNSW32 insertion, efConstruction 40
-    GRAPH_QUANTIZER_UNITS = 3_000  # an HNSW coarse-quantiser lookup, per vector and k-means iteration
+    GRAPH_QUANTIZER_UNITS = 4_500  # an HNSW coarse-quantiser lookup, per vector and k-means iteration
 
     def __init__(self, flat_seconds: float, n_queries: int, n_vectors: int) -> None:
         self.unit_s = flat_seconds / max(1, n_queries * n_vectors)
         self.correction = 1.0
 
     def observe(self, factory: str, n_vectors: int, seconds: float) -> None:
-        predicted = self.estimate(factory, n_vectors) / self.correction
-        if predicted > 0:
-            self.correction = seconds / predicted
+        raw = self._raw_estimate(factory, n_vectors)
+        if raw > 0:
+            self.correction = seconds / raw
 
     def estimate(self, factory: str, n_vectors: int) -> float:
         return self.correction * self._raw_estimate(factory, n_vectors)
@@ -284,12 +286,16 @@ def choose_index(vectors: np.ndarray, ids: np.ndarray, target_recall: float = 0.
     best: tuple[faiss.IndexIDMap2, CandidateResult] | None = None
     todo = list(candidates) if candidates is not None else candidate_factories(n, vectors.shape[1],
                                                                                max_bytes_per_vector)
+    # exact search over float32 may not fit the memory budget: then it only serves as the speed baseline
+    flat_fits = max_bytes_per_vector is None or results[0].bytes_per_vector <= max_bytes_per_vector
+    built = 0
     for factory in todo:
         if factory == "Flat":
             continue
         spent = time.perf_counter() - started
         expected = clock.estimate(factory, len(base))
-        if spent + expected > budget_s:
+        # the first candidate is always built (unless the budget is 0): its time calibrates the later estimates
+        if spent + expected > budget_s and (built or budget_s <= 0):
             results.append(CandidateResult(factory, status=f"skipped: build budget ({spent:.0f} s spent + "
                                                            f"~{expected:.0f} s > {budget_s:.0f} s)"))
             continue
@@ -299,21 +305,28 @@ def choose_index(vectors: np.ndarray, ids: np.ndarray, target_recall: float = 0.
         flat_qps = max(flat_qps, timed_search(flat, queries, k, min_seconds=0.1)[1])
         results.append(result)
         if result.build_s > 0:
+            built += 1
             clock.observe(factory, len(base), result.build_s)
         if result.status == "reached" and (best is None or result.qps > best[1].qps):
             best = (index, result)
+        elif not flat_fits and index is not None and (best is None or (best[1].status != "reached"
+                                                                        and result.recall > best[1].recall)):
+            best = (index, result)  # nothing else fits the memory budget: keep the most accurate so far
         del index
     results[0].qps = flat_qps
     for result in results:
         result.speedup = result.qps / flat_qps if result.qps == result.qps else float("nan")
-    if best is not None and best[1].qps >= min_speedup * flat_qps:
+    if best is not None and (best[1].qps >= min_speedup * flat_qps or not flat_fits):
         index, winner = best
     else:
         index, winner = flat, results[0]
     for result in results:
         if result.status == "reached" and result.qps < min_speedup * flat_qps:
             result.status = "reached, but not faster than exact"
-    winner.status = "chosen"
+    if winner.status != "reached" and winner is not results[0]:
+        logger.warning("no candidate within %s bytes/vector reached recall@%d %.2f; keeping the most accurate, %s "
+                       "(%.3f)", max_bytes_per_vector, k, target_recall, winner.factory, winner.recall)
+    winner.status = "chosen" if winner.status in ("reached", "exact baseline") else f"chosen ({winner.status})"
     index.add_with_ids(queries, ids[held])  # the held-out vectors belong to the collection too
     report.update(factory=winner.factory, search_params=winner.search_params, recall=round(winner.recall, 4),
                   qps=round(winner.qps, 1), exact_qps=round(flat_qps, 1), speedup=round(winner.qps / flat_qps, 2),

@@ -142,8 +142,10 @@ def describe(index: Any) -> str:
                         if row["recall"] is not None else "")
             lines.append(f"  {row['factory']:<28} {row['search_params'] or '':<34} {measured}  [{row['status']}]")
     elif choice.get("method"):
+        method = {"exact below measuring size": f"exact search: fewer than {choice.get('min_vectors', 0):,} vectors, "
+                  "nothing measured", "given": "factory given"}.get(choice["method"], choice["method"])
         tuned = choice.get("recall_queries")
-        lines.append(choice["method"] + (f", recall@10 {choice['recall']:.3f} on {tuned}" if tuned else ""))
+        lines.append(method + (f", tuned to recall@10 {choice['recall']:.3f} on {tuned}" if tuned else ""))
     return "\n".join(lines)
 
 

@@ -6,13 +6,15 @@ index as ``removed_ids.npy``) until :meth:`IndexEditing.compact` rebuilds withou
 """
 from __future__ import annotations
 
+import uuid
 from typing import Iterable
 
 import faiss
 import numpy as np
 import pandas as pd
 
-from .ops import _as_ids, normalize_rows, remove_from_ivf
+from .ops import _as_ids, copy_ivf_without, normalize_rows, remove_from_ivf
+from .store import ON_DISK_LISTS_FILE
 
 ID_COLUMN = "id"
 
@@ -101,12 +103,18 @@ class IndexEditing:
         """Drop the vectors of removed ids for good (rebuilds HNSW graphs); returns how many were dropped.
 
         The trained parts (coarse quantiser, codebooks) are kept; the remaining vectors are reconstructed and added
-        again. On-disk indexes are compacted by rebuilding them (``rvl.retrieval.archive``).
+        again. On-disk lists are copied without the removed entries into a new file beside the old one, which
+        :meth:`save` then puts in the index folder.
         """
         if len(self._removed) == 0:
             return 0
-        if self.on_disk_lists is not None:
-            raise ValueError("on-disk index: compact it with rvl.retrieval.archive.compact_on_disk_index")
+        dropped = len(self._removed)
+        lists = self.on_disk_lists
+        if lists is not None:  # new lists beside the old ones; save() puts them in the folder as index.ivfdata
+            target = lists.with_name(f"{ON_DISK_LISTS_FILE}.compacted-{uuid.uuid4().hex[:10]}")
+            self._index, self._removed = copy_ivf_without(self._index, self._removed, target), np.zeros(0, np.int64)
+            self.set_search_params(self.search_params)
+            return dropped
         live = self.ids
         vectors = self.reconstruct(live)
         inner = faiss.clone_index(self.inner_index)
@@ -115,7 +123,6 @@ class IndexEditing:
         inner.this.disown()
         index.own_fields = True
         index.add_with_ids(vectors, live)
-        dropped = len(self._removed)
         self._index, self._removed = index, np.zeros(0, np.int64)
         self.set_search_params(self.search_params)
         return dropped

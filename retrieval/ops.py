@@ -83,6 +83,38 @@ def remove_from_ivf(index: faiss.IndexIDMap2, ids: np.ndarray) -> int:
     return removed
 
 
+def copy_ivf_without(index: faiss.IndexIDMap2, drop: np.ndarray, lists_path: Path) -> faiss.IndexIDMap2:
+    """A copy of an ``IDMap2``-over-IVF index without the entries whose ids are in ``drop``, its inverted lists
+    written to a new on-disk file ``lists_path`` list by list (the trained quantiser and codec are copied; nothing is
+    re-encoded, and only one list is in memory at a time)."""
+    copy = faiss.deserialize_index(faiss.serialize_index(index))  # on-disk lists serialise as a file reference
+    source, target = faiss.extract_index_ivf(index), faiss.extract_index_ivf(copy)
+    stored = faiss.vector_to_array(index.id_map)
+    keep = ~np.isin(stored, drop)
+    new_position = np.cumsum(keep) - 1
+    lists = faiss.OnDiskInvertedLists(source.nlist, source.code_size, str(lists_path))
+    old = source.invlists
+    for list_no in range(source.nlist):
+        size = old.list_size(list_no)
+        if not size:
+            continue
+        positions = faiss.rev_swig_ptr(old.get_ids(list_no), size).copy()
+        codes = faiss.rev_swig_ptr(old.get_codes(list_no), size * source.code_size).reshape(size, -1)
+        kept = keep[positions]
+        if kept.any():
+            # named arrays: a temporary passed to swig_ptr can be freed before FAISS reads it
+            renumbered = np.ascontiguousarray(new_position[positions[kept]])
+            kept_codes = np.ascontiguousarray(codes[kept])
+            lists.add_entries(list_no, int(kept.sum()), faiss.swig_ptr(renumbered), faiss.swig_ptr(kept_codes))
+    target.replace_invlists(lists, True)
+    lists.this.disown()
+    target.ntotal = int(keep.sum())
+    faiss.copy_array_to_vector(np.ascontiguousarray(stored[keep]), copy.id_map)
+    copy.ntotal = int(keep.sum())
+    copy.construct_rev_map()
+    return copy
+
+
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of ``queries`` against (``vectors``, ``ids``); pads with -1 / -inf."""
     n_q = len(queries)

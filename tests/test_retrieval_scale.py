@@ -82,6 +82,19 @@ def test_never_slower_than_exact_and_budget_bounds_the_build(data):
     assert factory == "Flat" and report["candidates"][1]["status"] in ("below target", "slower than exact")
 
 
+def test_memory_budget_and_the_first_candidate_is_always_measured(data):
+    vectors, ids, _ = data
+    flat_bytes = estimate_bytes_per_vector("Flat", 32)
+    # a tiny time budget still measures the first candidate; a memory budget below Flat rules exact search out
+    index, factory, _, report = choose_index(vectors, ids, 0.9, candidates=["IVF32,SQ8", "HNSW16"], budget_s=1e-6,
+                                             min_speedup=1e9, max_bytes_per_vector=flat_bytes - 1)
+    rows = {r["factory"]: r for r in report["candidates"]}
+    assert factory == "IVF32,SQ8" and rows["IVF32,SQ8"]["status"].startswith("chosen")
+    assert rows["HNSW16"]["status"].startswith("skipped") and index.ntotal == len(vectors)
+    _, factory, _, _ = choose_index(vectors, ids, 0.9, candidates=["IVF32,SQ8"], budget_s=1e-6, min_speedup=1e9)
+    assert factory == "Flat"  # the same measurement, but Flat fits: never slower than exact
+
+
 def test_build_stores_the_choice_and_old_headers_still_load(tmp_path, data):
     vectors, ids, queries = data
     index = EmbeddingIndex.build(vectors, ids, candidates=["IVF32,Flat", "HNSW16"], target_recall=0.9)
@@ -147,6 +160,10 @@ def test_add_batches_from_memory_mapped_shards(tmp_path, data):
     np.testing.assert_array_equal(np.sort(index.ids), np.sort(np.r_[ids, np.arange(5) + 10**9]))
     assert index.search(vectors[3000:3001], 1)[1][0, 0] == ids[3000]
     assert sample_rows(tmp_path / "emb", 50).shape == (50, 32)
+    with pytest.raises(ValueError, match="3999 ids for 4000 embedding rows|3999 ids for more"):
+        list(iter_embedding_batches(tmp_path / "emb", ids[:-1], batch_size=700))
+    with pytest.raises(FileNotFoundError, match="no .npy"):
+        list(iter_embedding_batches(tmp_path / "missing"))
 
 
 def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
@@ -157,7 +174,7 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
                                  iter_embedding_batches(tmp_path / "emb.npy", ids, batch_size=1000)):
             yield v, i, pd.DataFrame({"n": np.arange(start, start + len(i))})
 
-    index = build_on_disk_index(batches, tmp_path / "idx", "IVF32,Flat", sample_rows(tmp_path / "emb.npy", 2000),
+    index = build_on_disk_index(batches(), tmp_path / "idx", "IVF32,Flat", sample_rows(tmp_path / "emb.npy", 2000),
                                 target_recall=0.95)
     assert index.on_disk_lists == tmp_path / "idx" / "index.ivfdata" and len(index) == len(vectors)
     assert index.search_params.startswith("nprobe=") and index.choice["recall"] >= 0.95
@@ -173,6 +190,18 @@ def test_on_disk_lists_build_search_remove_and_move(tmp_path, data):
     assert moved.on_disk_lists == tmp_path / "moved" / "index.ivfdata" and len(moved) == len(vectors) - 100
     np.testing.assert_array_equal(moved.search(queries, 10)[1], index.search(queries, 10)[1])
     assert not np.isin(moved.search(vectors[:100], 10)[1], ids[:100]).any()
+    assert moved.compact() == 100 and len(moved.removed_ids) == 0 and moved.faiss_index.ntotal == len(ids) - 100
+    index.set_search_params("nprobe=32")  # all lists: both answers exact (tuned nprobe rows can fall back to exact)
+    moved.set_search_params("nprobe=32")
+    np.testing.assert_array_equal(moved.search(queries, 10)[1], index.search(queries, 10)[1])
+    compacted = EmbeddingIndex.load(moved.save(tmp_path / "moved"))  # the compacted lists replace the old ones
+    assert compacted.on_disk_lists == tmp_path / "moved" / "index.ivfdata" and len(compacted.removed_ids) == 0
+    np.testing.assert_array_equal(compacted.search(queries, 10)[1], index.search(queries, 10)[1])
+    assert sorted(p.name for p in (tmp_path / "moved").iterdir()) == ["index.faiss", "index.ivfdata", "index.json",
+                                                                       "metadata.parquet"]
+    with pytest.raises(ValueError, match="need an IVF factory"):
+        build_on_disk_index(batches(), tmp_path / "hnsw", "HNSW16", vectors[:500])
+    assert not (tmp_path / "hnsw").exists() and not list(tmp_path.glob(".hnsw.tmp-*"))  # nothing half-written
 
 
 def test_index_remove_and_compact_cli(tmp_path, data, capsys):
