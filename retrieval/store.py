@@ -93,6 +93,7 @@ def atomic_write_dir(target: str | os.PathLike, write_files: Callable[[Path], No
 
 
 REBUILD = "rvl index build --model MODEL --data DATA --out {}"
+OPTIONAL_FILES = ("removed_ids.npy", "index.ivfdata")
 
 
 def _record_checksums(folder: Path) -> None:
@@ -102,7 +103,8 @@ def _record_checksums(folder: Path) -> None:
     header_path = folder / HEADER_FILE
     if header_path.is_file():
         header = read_json(header_path)
-        header["checksums"] = file_table(folder, [n for n in REQUIRED_FILES if n != HEADER_FILE])
+        optional = [n for n in OPTIONAL_FILES if (folder / n).is_file()]  # hidden removals, on-disk inverted lists
+        header["checksums"] = file_table(folder, [n for n in REQUIRED_FILES if n != HEADER_FILE] + optional)
         write_json(header_path, header)
 
 

@@ -228,3 +228,21 @@ def test_index_remove_and_compact_cli(tmp_path, data, capsys):
     assert len(compacted.removed_ids) == 0 and compacted.faiss_index.ntotal == len(ids) - len(withdrawn)
     assert main(["index", "remove", "--index", str(tmp_path / "idx")]) == 2
     assert "--study-id" in capsys.readouterr().err
+
+
+def test_verify_covers_hidden_removals_of_an_hnsw_index(tmp_path):
+    """removed_ids.npy is checksummed with the index: rvl verify passes it, and a flipped byte in it is caught."""
+    from rvl.cli import main
+    from rvl.retrieval import EmbeddingIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    index = EmbeddingIndex.build(vectors, np.arange(300), factory="HNSW32")
+    index.remove_ids(np.arange(10))
+    folder = index.save(tmp_path / "idx")
+    assert (folder / "removed_ids.npy").is_file()
+    assert main(["verify", str(folder)]) == 0
+    data = bytearray((folder / "removed_ids.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "removed_ids.npy").write_bytes(bytes(data))
+    assert main(["verify", str(folder)]) == 1
