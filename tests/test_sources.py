@@ -63,7 +63,8 @@ def test_hf_hub_init_offline_biomedclip_style_and_its_export_loads_in_open_clip(
     model, _ = build_from_init(init="hf-hub:acme/tiny-biomedclip")
     _assert_towers_equal(model, _clip_state(biomedclip_like))
     out = model.save_pretrained(tmp_path / "export")
-    plain = open_clip.create_model_and_transforms(f"local-dir:{out}")[0].eval()
+    plain, _ = open_clip.create_model_from_pretrained(f"local-dir:{out}")
+    plain.eval()
     tokens = open_clip.get_tokenizer(f"local-dir:{out}")(REPORTS)
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
