@@ -94,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="embed studies or reports and write an index folder",
                            description="Embed studies (fused multi-view) or reports and write DIR/index.faiss, "
                            "metadata.parquet and index.json.")
-    build.add_argument("--model", required=True, help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
+    build.add_argument("--model", required=True,
+                        help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, "
+                        "hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
     build.add_argument("--data", required=True, help="manifest or prepared cache")
     build.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     build.add_argument("--kind", choices=("study", "report"), default="study",

@@ -16,8 +16,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # files of an rvl model folder that define its embeddings (see rvl.model.factory.save_pretrained)
-_MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "rvl_config.json",
-                "rvl/rvl_heads.safetensors", "config.json", "tokenizer.json")
+_MODEL_FILES = ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+                "rvl_config.json", "rvl/rvl_heads.safetensors", "config.json", "tokenizer.json")
 
 
 def model_fingerprint(model_or_dir: Any, model: Any = None) -> str:

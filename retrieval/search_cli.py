@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude-patient", help="leave out this patient's studies")
     parser.add_argument("--patient", help="only this patient's studies (similar prior studies)")
     parser.add_argument("--before", help="only studies dated before YYYY-MM-DD")
-    parser.add_argument("--model", default=None, help="model (as for rvl index build; default: the one recorded in index.json)")
+    parser.add_argument("--model", default=None,
+                        help="model (as for rvl index build; default: the one recorded in index.json)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 

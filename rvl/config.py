@@ -103,7 +103,8 @@ class Config:
                 for s, d in self.to_dict().items() for k, v in d.items()}
 
 
-ALIASES = {"data.source": ["--data"], "model.name": ["--model"], "model.lock_text_unlocked_layers": ["--unlocked-layers"]}
+ALIASES = {"data.source": ["--data"], "model.name": ["--model"],
+           "model.lock_text_unlocked_layers": ["--unlocked-layers"]}
 
 
 def _sections() -> dict[str, type]:

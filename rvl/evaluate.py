@@ -242,7 +242,9 @@ def format_summary(result: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
+    parser.add_argument("--model", required=True,
+                        help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, "
+                        "hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
     parser.add_argument("--data", required=True, help="manifest or prepared cache")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--train-split", default="train", help="split whose reports vote in kNN zero-shot")

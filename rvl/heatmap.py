@@ -133,7 +133,9 @@ def save_overlay(square: np.ndarray, heatmap: np.ndarray, out: str | os.PathLike
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
+    parser.add_argument("--model", required=True,
+                        help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, "
+                        "hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
     parser.add_argument("--image", required=True, help="radiograph (PNG/JPEG/DICOM)")
     parser.add_argument("--text", required=True, help='prompt, e.g. "left pleural effusion"')
     parser.add_argument("--out", required=True, help="output PNG")

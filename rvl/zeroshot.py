@@ -209,7 +209,9 @@ def knn_zero_shot(index: Any, queries: np.ndarray, k: int = 20, labels: Sequence
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
+    parser.add_argument("--model", required=True,
+                        help="model: an rvl export folder, an unmodified open_clip model (local-dir:DIR or its folder, "
+                        "hf-hub:ORG/NAME) or NAME:TAG (open_clip name and pretrained tag, e.g. ViT-B-16:openai)")
     parser.add_argument("--images", nargs="+", required=True, help="radiographs (PNG/JPEG/DICOM)")
     parser.add_argument("--labels", default=None, help="comma-separated labels, CheXpert names or free text "
                         "(e.g. 'Pleural Effusion,left apical pneumothorax'); default: the 14 CheXpert labels")

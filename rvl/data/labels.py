@@ -44,7 +44,7 @@ def fill_labels(frame: pd.DataFrame, mode: str = "auto", progress: bool = False)
     frame = frame.copy()
     values = frame[CHEXPERT_LABELS].to_numpy(dtype=float)
     has_labels = ~np.isnan(values).all(axis=1)
-    if "label_source" in frame:  # a manifest written by rvl (e.g. an earlier prepare) already says where labels are from
+    if "label_source" in frame:  # a manifest written by rvl (an earlier prepare) says where its labels are from
         source = frame["label_source"].fillna("").astype(str).to_numpy(dtype=object)
         source[has_labels & (source == "")] = "manifest"
     else:

