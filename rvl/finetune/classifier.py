@@ -49,16 +49,18 @@ def init_key(source: str) -> str:
 
 
 class StudyClassifier(nn.Module):
-    """Logits ``(B, L)`` of a study: ``head(encoder.encode_study(..., normalize=False))``.
+    """Logits ``(B, L)`` of a study: ``head(encoder.encode_study(..., normalize=False))``, the head seeded by ``seed``.
 
     Only the image side takes part: the text tower, caption decoder and temperature are frozen (never used, and an
     unused trainable parameter would stall DDP's gradient reduction).
     """
 
-    def __init__(self, encoder: Any, num_labels: int):
+    def __init__(self, encoder: Any, num_labels: int, seed: int = 0):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(int(encoder.embed_dim), num_labels)
+        with torch.random.fork_rng(devices=[]):  # the fresh head is a function of the seed: identical reruns
+            torch.manual_seed(int(seed))
+            self.head = nn.Linear(int(encoder.embed_dim), num_labels)
         for name, param in encoder.named_parameters():
             param.requires_grad_(self.is_image_side(name))
 

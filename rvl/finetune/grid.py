@@ -91,7 +91,7 @@ def _run_one(data: str, out_dir: Path, init: str, mode: str, fraction: float, se
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     encoder = resolve_init(init, settings.model, seed)
-    classifier = StudyClassifier(encoder, len(settings.labels))
+    classifier = StudyClassifier(encoder, len(settings.labels), seed)
     train_frame, test_frame = frames["train"], frames["test"]
     in_subset = train_frame["patient_id"].astype(str).isin(set(patients)).to_numpy()
     if mode == "linear":

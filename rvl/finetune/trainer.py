@@ -151,7 +151,7 @@ def train_linear(classifier: Any, features: np.ndarray, values: np.ndarray, sett
         weight = head.weight * scale
         classifier.head.weight.copy_(weight)
         classifier.head.bias.copy_(head.bias - weight @ torch.from_numpy(mean))
-    return {"final_loss": float(loss), "steps": settings.linear_steps,
+    return {"final_loss": float(loss.detach()), "steps": settings.linear_steps,
             "pos_weight": None if pw is None else [round(float(v), 3) for v in pw]}
 
 
