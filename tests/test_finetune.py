@@ -309,3 +309,21 @@ def test_cli_rejects_bad_input_clearly(cache, tmp_path):
     proc = subprocess.run(base[:-4] + ["--init", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "FT"),
                                        "--labels", "Edema"], capture_output=True, text=True)
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_layer_decay_groups_cover_the_image_side_once():
+    from rvl.finetune.classifier import StudyClassifier, resolve_init
+
+    classifier = StudyClassifier(resolve_init("scratch", "rvl-demo", seed=0), 3, seed=0)  # timm ResNet tower
+    groups = classifier.image_parameter_groups(lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in classifier.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+    assert not any(StudyClassifier.is_image_side(n) is False and p.requires_grad
+                   for n, p in classifier.encoder.named_parameters())  # text tower and decoder stay frozen
+    head_lr = {g["lr"] for g in groups if any(p is classifier.head.weight for p in g["params"])}
+    stem = classifier.encoder.clip.visual.trunk.conv1[0].weight
+    stem_lr = {g["lr"] for g in groups if any(p is stem for p in g["params"])}
+    assert head_lr == {1e-3} and max(stem_lr) < 1e-3 * 0.5 ** 2  # the deeper from the head, the smaller the lr
+    flat = classifier.image_parameter_groups(lr=1e-3, weight_decay=0.05, layer_decay=None)
+    assert {g["lr"] for g in flat} == {1e-3}

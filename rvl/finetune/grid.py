@@ -143,6 +143,11 @@ def run_grid(data: str, out_dir: str | Path, inits: Sequence[str], modes: Sequen
     from rvl.data import StudyDataset
     from rvl.finetune.results import write_summary
 
+    from accelerate import PartialState
+
+    if PartialState().num_processes > 1:  # every rank would score and write the same files
+        raise ValueError("rvl finetune runs its grid in one process (one GPU or the CPU); launch it without "
+                         "accelerate launch / torchrun")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
     out_dir = Path(out_dir)
     unknown = [m for m in modes if m not in MODES]
