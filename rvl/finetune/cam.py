@@ -90,17 +90,24 @@ def _heatmaps(classifier: Any, squares: list[np.ndarray], label_index: Sequence[
 
 def pointing_game(classifier: Any, dataset: Any, labels: Sequence[str], max_boxes: int = 400,
                   batch_size: int = 16) -> dict[str, Any]:
-    """Share of finding boxes (of the chosen labels) whose image's CAM for that label peaks inside the box."""
+    """Share of finding boxes (of the chosen labels, on the views the classifier reads) whose image's CAM for that
+    label peaks inside the box."""
     from rvl.heatmap import pointing_hit
 
     frame = dataset.frame
     if "finding_boxes" not in frame:
         return {"accuracy": None, "n": 0, "note": "no finding_boxes column"}
+    from rvl.data.dataset import select_views
+
     trials = []
     for i, raw in enumerate(frame["finding_boxes"]):
         if not isinstance(raw, str) or not raw.strip():
             continue
+        # the views the classifier reads (one frontal-first view for --views frontal)
+        seen = set(select_views(list(frame["view_positions"].iloc[i]), dataset.max_views, None))
         for j, boxes in enumerate(json.loads(raw)):
+            if j not in seen:
+                continue
             for box in boxes or []:
                 if box.get("label") in labels and box.get("box") is not None:
                     trials.append((i, j, box["label"], list(box["box"])))
