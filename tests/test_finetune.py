@@ -234,6 +234,7 @@ class _CrashAfter(torch.utils.data.Dataset):
         return self.subset[index]
 
 
+@pytest.mark.slow
 def test_full_finetuning_resumes_exactly(cache, tmp_path):
     from rvl.finetune.classifier import StudyClassifier, resolve_init
     from rvl.finetune.grid import _datasets
@@ -267,6 +268,7 @@ def _train_frame_of_cache(cache: Path) -> pd.DataFrame:
     return StudyDataset(cache, split="train", max_views=1).frame
 
 
+@pytest.mark.slow
 def test_grid_writes_summary_files_and_resumes(cache, tmp_path):
     from rvl.cli import main
     from rvl.metrics import bootstrap_auc
