@@ -15,23 +15,15 @@ from rvl.finetune.losses import label_targets, masked_loss, positive_weights
 from rvl.finetune.subsets import draw_patient_subset, read_subset, subset_file, subset_hash, write_subset
 
 LABELS = ["No Finding", "Cardiomegaly", "Edema", "Support Devices"]  # positives in train and test of the fixture
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
+    """90 studies at 64 px (seed 4: each of LABELS has positives in both train and test)."""
     from rvl.phantoms import generate_phantoms
 
-    out = tmp_path_factory.mktemp("ft-phantoms")
-    generate_phantoms(out, 90, size=64, seed=4, fmt="png", progress=False)
-    return out / "manifest.parquet"
+    return generate_phantoms(tmp_path_factory.mktemp("ft-phantoms"), 90, size=64, seed=4, progress=False)
 
 
 @pytest.fixture(scope="module")
