@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--studies-finetune", type=int, default=1500)
     parser.add_argument("--size", type=int, default=128, help="phantom and cache size (rvl-demo's input size)")
     parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--finetune-steps", type=int, default=30)
+    parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""``rvl finetune``: patient subsets, targets and losses, CutMix / Cut&Remain, exact resume, the grid's summary files."""
+"""``rvl finetune``: patient subsets, targets and losses, CutMix / Cut&Remain, exact resume, the summary files."""
 from __future__ import annotations
 
 import json
@@ -286,7 +286,9 @@ def test_grid_writes_summary_files_and_resumes(cache, tmp_path):
         assert result["cam"]["pointing_game"]["n"] > 0 and len(result["cam"]["overlays"]) == 1
         assert Path(result["cam"]["overlays"][0]).is_file()
     markdown = (out / "summary.md").read_text()
-    assert "| scratch | linear | none |" in markdown and "30 % labels" in markdown and "100 % labels" in markdown
+    linear_hash = summary.loc[summary["mode"] == "linear", "settings"].iloc[0]
+    assert f"| scratch | linear | none | {linear_hash} |" in markdown
+    assert "30 % labels" in markdown and "100 % labels" in markdown
     assert (out / "auc_vs_fraction.png").stat().st_size > 0
     # finished runs are skipped on --resume; without it the folder is refused
     assert main(argv + ["--resume"]) == 0

@@ -127,8 +127,8 @@ def pointing_game(classifier: Any, dataset: Any, labels: Sequence[str], max_boxe
 
 def write_overlays(classifier: Any, dataset: Any, probs: np.ndarray, labels: Sequence[str], count: int,
                    out_dir: Path) -> list[str]:
-    """CAM overlays of the first frontal view of ``count`` test studies, for each study's highest-scoring label (its boxes
-    of that label drawn when the data has them)."""
+    """CAM overlays of the first frontal view of ``count`` test studies, for each study's highest-scoring label (its
+    boxes of that label drawn when the data has them)."""
     from rvl.data.dataset import select_views
     from rvl.heatmap import save_overlay
 

@@ -80,10 +80,12 @@ class StudyClassifier(nn.Module):
         """Linear probe: only the head trains."""
         self.encoder.requires_grad_(False)
 
-    def image_parameter_groups(self, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
-        """Optimizer groups: head at ``lr``; fusion + view embedding at ``lr * layer_decay``; the image tower's
-        layers from timm's layer-wise decay (``timm.optim.param_groups_layer_decay``, its deepest block one step
-        below the fusion). Without ``layer_decay`` every group gets ``lr``. No weight decay on 1-d parameters."""
+    def image_parameter_groups(self, lr: float, weight_decay: float, layer_decay: float | None,
+                               head_lr_scale: float = 1.0) -> list[dict]:
+        """Optimizer groups: head at ``lr * head_lr_scale``; fusion + view embedding at ``lr * layer_decay``; the
+        image tower's layers from timm's layer-wise decay (``timm.optim.param_groups_layer_decay``, its deepest block
+        one step below the fusion). Without ``layer_decay`` the encoder gets ``lr``. No weight decay on 1-d
+        parameters."""
         def split(named, scale: float) -> list[dict]:
             decay = [p for n, p in named if p.requires_grad and p.ndim >= 2]
             flat = [p for n, p in named if p.requires_grad and p.ndim < 2]
@@ -93,7 +95,7 @@ class StudyClassifier(nn.Module):
         encoder = self.encoder
         top = [(n, p) for n, p in encoder.named_parameters() if n.startswith(("view_type_embed.", "fusion."))]
         visual = [(n, p) for n, p in encoder.clip.visual.named_parameters()]
-        groups = split(list(self.head.named_parameters()), 1.0)
+        groups = split(list(self.head.named_parameters()), head_lr_scale)
         if not layer_decay:
             return groups + split(top, 1.0) + split(visual, 1.0)
         trunk = getattr(encoder.clip.visual, "trunk", None)

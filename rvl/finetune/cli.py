@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=200, help="full fine-tuning steps (fixed; default 200)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4, help="full fine-tuning peak learning rate")
+    parser.add_argument("--head-lr-scale", type=float, default=10.0,
+                        help="full mode: the fresh head's learning rate is --lr times this (default 10)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--layer-decay", type=float, default=0.0,
@@ -75,7 +77,8 @@ def settings_from_args(args: argparse.Namespace):
     return FinetuneSettings(
         labels=labels, model=args.model, views=args.views, loss=args.loss, pos_weight=args.pos_weight,
         uncertain=args.uncertain, blank=args.blank, cutmix=args.cutmix, cut_remain=args.cut_remain,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, head_lr_scale=args.head_lr_scale,
+        weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, layer_decay=args.layer_decay, linear_steps=args.linear_steps,
         linear_lr=args.linear_lr, save_every=args.save_every, mixed_precision=args.mixed_precision, cpu=args.cpu)
 

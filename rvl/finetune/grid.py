@@ -43,7 +43,8 @@ def run_name(init: str, mode: str, fraction: float, seed: int, settings: Finetun
     """Folder name of one run: readable parts + a hash of the settings this mode's result depends on."""
     relevant = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _NOT_IN_NAME}
     if mode == "linear":  # the probe never sees images: augmentation and image-side training settings do not apply
-        for key in ("cutmix", "cut_remain", "max_steps", "batch_size", "lr", "warmup_steps", "layer_decay"):
+        for key in ("cutmix", "cut_remain", "max_steps", "batch_size", "lr", "head_lr_scale", "warmup_steps",
+                    "layer_decay"):
             relevant.pop(key)
     else:
         for key in ("linear_steps", "linear_lr"):

@@ -17,9 +17,9 @@ from rvl.fileio import write_text_atomic
 
 __all__ = ["score_run", "write_predictions", "collect_results", "write_summary"]
 
-SUMMARY_COLUMNS = ["init", "mode", "augment", "fraction", "seed", "macro_auc", "macro_ci_low", "macro_ci_high",
-                   "n_patients", "n_studies", "subset_hash", "loss", "pos_weight", "uncertain", "blank", "views",
-                   "steps", "pointing_game", "run"]
+SUMMARY_COLUMNS = ["init", "mode", "augment", "settings", "fraction", "seed", "macro_auc", "macro_ci_low",
+                   "macro_ci_high", "n_patients", "n_studies", "subset_hash", "loss", "pos_weight", "uncertain", "blank",
+                   "views", "steps", "pointing_game", "run"]
 
 
 def score_run(probs: np.ndarray, frame: Any, labels: Sequence[str], n_bootstrap: int = 1000, seed: int = 0) -> dict:
@@ -53,7 +53,8 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     pointing = (result.get("cam") or {}).get("pointing_game", {}).get("accuracy")
     settings = result["settings"]
     return {"init": result["init"], "mode": result["mode"], "augment": result["augment"],
-            "fraction": result["fraction"], "seed": result["seed"], "macro_auc": macro["auc"],
+            "settings": result["run"].rsplit("__", 1)[-1], "fraction": result["fraction"], "seed": result["seed"],
+            "macro_auc": macro["auc"],
             "macro_ci_low": macro["ci_low"], "macro_ci_high": macro["ci_high"], "n_patients": result["n_patients"],
             "n_studies": result["n_studies"], "subset_hash": result["subset_hash"], "loss": settings["loss"],
             "pos_weight": settings["pos_weight"], "uncertain": settings["uncertain"], "blank": settings["blank"],
@@ -70,18 +71,20 @@ def _mean_sd(values: Sequence[float]) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """REFERS-style markdown: one row per (init, mode, augmentation), one column per label fraction, mean ± sd of the
-    macro AUC over seeds."""
+    """REFERS-style markdown: one row per (init, mode, augmentation, settings hash), one column per label fraction,
+    mean ± sd of the macro AUC over seeds. The hash (the end of the run folder names) keeps runs with other settings
+    (loss, steps, ...) written into the same folder apart."""
     fractions = sorted({r["fraction"] for r in rows})
     groups: dict[tuple, dict[float, list[float]]] = {}
     for r in rows:
-        groups.setdefault((r["init"], r["mode"], r["augment"]), {}).setdefault(r["fraction"], []).append(
+        groups.setdefault((r["init"], r["mode"], r["augment"], r["settings"]), {}).setdefault(r["fraction"], []).append(
             r["macro_auc"])
-    header = "| init | mode | augmentation | " + " | ".join(f"{f * 100:g} % labels" for f in fractions) + " |"
-    lines = [header, "|" + "---|" * (3 + len(fractions))]
-    for (init, mode, augment), by_fraction in sorted(groups.items()):
+    header = "| init | mode | augmentation | settings | " + " | ".join(f"{f * 100:g} % labels" for f in fractions) \
+        + " |"
+    lines = [header, "|" + "---|" * (4 + len(fractions))]
+    for (init, mode, augment, settings), by_fraction in sorted(groups.items()):
         cells = [_mean_sd(by_fraction.get(f, [])) if f in by_fraction else "" for f in fractions]
-        lines.append(f"| {init} | {mode} | {augment} | " + " | ".join(cells) + " |")
+        lines.append(f"| {init} | {mode} | {augment} | {settings} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -97,7 +100,8 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
     for r in rows:
         if r["macro_auc"] is None:
             continue
-        name = f"{r['init']} · {r['mode']}" + (f" · {r['augment']}" if r["augment"] != "none" else "")
+        name = f"{r['init']} · {r['mode']}" + (f" · {r['augment']}" if r["augment"] != "none" else "") + \
+            f" · {r['settings']}"
         groups.setdefault(name, {}).setdefault(r["fraction"], []).append(r["macro_auc"])
     if not groups:
         return None
@@ -123,7 +127,7 @@ def write_summary(out_dir: Path) -> dict[str, Any]:
         return {"runs": 0}
     table = pd.DataFrame(rows)
     extra = [c for c in table.columns if c not in SUMMARY_COLUMNS]
-    table = table[SUMMARY_COLUMNS + extra].sort_values(["init", "mode", "augment", "fraction", "seed"])
+    table = table[SUMMARY_COLUMNS + extra].sort_values(["init", "mode", "augment", "settings", "fraction", "seed"])
     write_text_atomic(out_dir / "summary.csv", table.to_csv(index=False))
     markdown = summary_table(rows)
     hashes = sorted({(r["fraction"], r["seed"], r["subset_hash"]) for r in rows})

@@ -40,6 +40,7 @@ class FinetuneSettings:
     max_steps: int = 200                # full fine-tuning steps
     batch_size: int = 32
     lr: float = 3e-4
+    head_lr_scale: float = 10.0         # the fresh head's lr = lr x this (full mode): it starts from nothing
     weight_decay: float = 0.05
     warmup_steps: int = 20
     layer_decay: float = 0.0            # 0 = off; else timm layer-wise lr decay of the image tower
@@ -189,7 +190,8 @@ def train_full(classifier: Any, train_set: Any, settings: FinetuneSettings, seed
     seeded = SeededStudies(train_set, seed)
     sampler = EpochSampler(len(seeded), seed)
     loader = DataLoader(seeded, batch_size=batch_size, sampler=sampler, collate_fn=collate_studies, drop_last=True)
-    groups = classifier.image_parameter_groups(settings.lr, settings.weight_decay, settings.layer_decay or None)
+    groups = classifier.image_parameter_groups(settings.lr, settings.weight_decay, settings.layer_decay or None,
+                                               settings.head_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps * world, settings.max_steps * world)
     model, optimizer, loader, scheduler = accelerator.prepare(classifier, optimizer, loader, scheduler)
