@@ -123,9 +123,9 @@ def report(ft: Path, pretrained: Path, seconds: float, threads: str, args: argpa
     for _, r in augmented.sort_values(["augment", "seed"]).iterrows():
         print(f"  {r['augment']:<14} seed {r['seed']}: {r['macro_auc']:.3f} [{r['macro_ci_low']:.3f}, "
               f"{r['macro_ci_high']:.3f}]  CAM pointing game {r['pointing_game']:.3f}")
-    print(f"\n{len(table)} runs; total {seconds / 60:.1f} min on {os.cpu_count()} CPU cores (OMP_NUM_THREADS="
-          f"{threads}); pretrain {args.pretrain_steps} steps, fine-tune {args.finetune_steps} steps x batch 32, "
-          f"linear probe 300 full-batch steps")
+    print(f"\n{len(table)} runs; this invocation {seconds / 60:.1f} min (finished stages and runs are skipped) on "
+          f"{os.cpu_count()} CPU cores (OMP_NUM_THREADS={threads}); pretrain {args.pretrain_steps} steps, fine-tune "
+          f"{args.finetune_steps} steps x batch 32, linear probe 300 full-batch steps")
 
 
 if __name__ == "__main__":
