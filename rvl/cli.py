@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot": ("rvl.zeroshot", "zero-shot finding probabilities for radiographs from text prompts"),
     "heatmap": ("rvl.heatmap", "grounding heatmap PNG: where on a radiograph a text prompt matches"),
     "evaluate": ("rvl.evaluate", "zero-shot AUC with bootstrap CIs, retrieval R@K and pointing game on a split"),
+    "finetune": ("rvl.finetune.cli", "fine-tune an encoder at 1 / 10 / 100 % labels (linear / full, seeds, AUC CIs)"),
     "serve": ("rvl.serve.cli", "web page and JSON API: zero-shot, heatmaps and similar studies for uploaded studies"),
     "demo": ("rvl.demo.cli", "run the whole pipeline on built-in phantoms and write an evaluation report"),
     "verify": ("rvl.verify", "check caches, runs, models, indexes and label outputs against their recorded checksums"),
