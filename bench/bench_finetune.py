@@ -1,7 +1,7 @@
 """Transfer benchmark of ``rvl finetune`` on phantoms, REFERS-style: pretrain on one phantom set, fine-tune on another.
 
 1. Phantom set A (``--seed 0``): reports labelled by ``rvl.nlp`` (as the demo does), prepared, and ``rvl pretrain``
-   with the from-scratch demo recipe (``rvl/configs/demo-scratch.yaml``; ``--recipe`` picks another) for a fixed number of steps.
+   with the from-scratch demo recipe (``rvl/configs/demo-scratch.yaml``) for a fixed number of steps.
 2. Phantom set B (``--seed 1``, other patients): its labels are the downstream labels; ``rvl finetune`` runs
    rvl-pretrained vs scratch (same rvl-demo architecture), linear and full, 1 / 10 / 100 % of the training patients,
    3 seeds; then full fine-tuning of the pretrained encoder at 10 % with CutMix and with Cut&Remain.
