@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).parents[1] / "configs"
 # only: the phantoms are never changed to make the model look good.
 DEMO_SETTINGS: dict[str, Any] = {
     "phantom_size": 256,        # phantoms are drawn at 256 px and prepared at the model's input size
-    "steps": {"pretrained": 400, "scratch": 350},  # fixed: the same seed gives the same numbers on any machine
+    "steps": {"pretrained": 350, "scratch": 350},  # fixed: the same seed gives the same numbers on any machine
     "min_steps": 40,                # bounds when --minutes sizes the steps instead
     "max_steps": 600,
     "train_share": 0.8,         # share of the budget left after the data stages that both trainings may use
