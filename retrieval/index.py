@@ -22,7 +22,8 @@ from rvl.version import __version__
 
 from .choose import DEFAULT_BUDGET_S, choose_index, make_index
 from .edit import ID_COLUMN, IndexEditing
-from .ops import _as_ids, _search_parameters, exact_top_k, normalize_rows, on_disk_lists_in, tune_search_params
+from .ops import (_as_ids, _search_parameters, exact_top_k, faiss_stdout_silenced, normalize_rows, on_disk_lists_in,
+                  tune_search_params)
 from .store import (HEADER_FILE, INDEX_FILE, METADATA_FILE, ON_DISK_LISTS_FILE, REMOVED_FILE, atomic_write_dir,
                     read_json, resolve_index_dir, write_json)
 
@@ -390,7 +391,8 @@ class EmbeddingIndex(IndexEditing):
             raise FileNotFoundError(f"{folder}: index.json says the inverted lists are on disk but "
                                     f"{ON_DISK_LISTS_FILE} is missing")
         # on-disk lists are memory-mapped from this folder, wherever the index was written
-        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with faiss_stdout_silenced():
+            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
         if not isinstance(index, faiss.IndexIDMap2):
             raise ValueError(f"{folder / INDEX_FILE}: expected an IDMap2 index, found {type(index).__name__}")
         n_removed = int(header.get("removed_count", 0))

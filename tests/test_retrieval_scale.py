@@ -228,3 +228,23 @@ def test_index_remove_and_compact_cli(tmp_path, data, capsys):
     assert len(compacted.removed_ids) == 0 and compacted.faiss_index.ntotal == len(ids) - len(withdrawn)
     assert main(["index", "remove", "--index", str(tmp_path / "idx")]) == 2
     assert "--study-id" in capsys.readouterr().err
+
+
+def test_index_build_on_disk_cli_streams_chunks(tmp_path, capsys):
+    from rvl.cli import main
+    from rvl.model import create_model
+    from rvl.phantoms import generate_phantoms
+
+    manifest = generate_phantoms(tmp_path / "ph", 40, size=64, seed=3, progress=False)
+    model_dir = create_model("rvl-tiny").save_pretrained(tmp_path / "model")
+    assert main(["index", "build", "--model", str(model_dir), "--data", str(manifest), "--out", str(tmp_path / "idx"),
+                 "--on-disk", "--chunk", "16", "--factory", "IVF4,Flat"]) == 0
+    assert "on disk" in capsys.readouterr().out
+    index = EmbeddingIndex.load(tmp_path / "idx")
+    frame = pd.read_parquet(manifest)
+    assert index.on_disk_lists == tmp_path / "idx" / "index.ivfdata" and len(index) == len(frame)
+    assert sorted(index.metadata["study_id"]) == sorted(frame["study_id"]) and index.choice["build_s"] > 0
+    study = frame["study_id"].iloc[5]
+    assert main(["search", "--index", str(tmp_path / "idx"), "--study-id", study, "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]  # nothing else on stdout (FAISS's on-disk chatter)
+    assert len(hits) == 3 and study not in [h["study_id"] for h in hits]
