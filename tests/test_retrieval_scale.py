@@ -235,10 +235,10 @@ def test_index_build_on_disk_cli_streams_chunks(tmp_path, capsys):
     from rvl.model import create_model
     from rvl.phantoms import generate_phantoms
 
-    manifest = generate_phantoms(tmp_path / "ph", 40, size=64, seed=3, progress=False)
+    manifest = generate_phantoms(tmp_path / "ph", 24, size=64, seed=3, progress=False)
     model_dir = create_model("rvl-tiny").save_pretrained(tmp_path / "model")
     assert main(["index", "build", "--model", str(model_dir), "--data", str(manifest), "--out", str(tmp_path / "idx"),
-                 "--on-disk", "--chunk", "16", "--factory", "IVF4,Flat"]) == 0
+                 "--on-disk", "--chunk", "10", "--factory", "IVF4,Flat"]) == 0
     assert "on disk" in capsys.readouterr().out
     index = EmbeddingIndex.load(tmp_path / "idx")
     frame = pd.read_parquet(manifest)
