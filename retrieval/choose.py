@@ -14,8 +14,9 @@ normalised 256-d vectors ``IVF1024,Flat`` can need ``nprobe=512`` (slower than e
    recall@k on the held-out queries reaches the target, and it is timed on the same queries. A sweep stops as soon as
    the candidate is no faster than exact search.
 3. The fastest candidate that reaches the target (of those within 15 % of the fastest, timing noise on a shared
-   machine, the most accurate) wins if it is at least ``min_speedup`` times faster than exact search, otherwise exact ``Flat`` is kept: the default is never slower than no index. (With a memory budget that
-   float32 ``Flat`` exceeds, exact search is only the speed baseline and the most accurate candidate within the
+   machine, the most accurate) wins if it is at least ``min_speedup`` times faster than exact search, otherwise
+   exact ``Flat`` is kept: the default is never slower than no index. (With a memory budget that float32 ``Flat``
+   exceeds, exact search is only the speed baseline and the most accurate candidate within the
    budget is kept when none reaches the target.)
 
 Build time is bounded: a candidate is started only while the time spent so far plus an estimate of its build time
