@@ -3,7 +3,9 @@
 Vectors are L2-normalised on the way in (build, add and queries), so inner product = cosine similarity. The FAISS
 index is always wrapped in ``IndexIDMap2`` (``"IDMap2,<factory>"``) so that ids are the caller's int64 ids and vectors
 can be reconstructed by id (needed for exact search inside small filtered subsets). The CPU index is the master copy;
-when faiss-gpu and a GPU are present a GPU clone serves unfiltered searches and is dropped on every change.
+when faiss-gpu and a GPU are present a GPU clone serves unfiltered searches (not HNSW, on-disk lists, or while removed
+ids are hidden) and is dropped on every change. Without a factory, ``build`` picks the index by measurement
+(``choose.py``); adding in batches, removal on every kind and compaction live in ``edit.py``.
 """
 from __future__ import annotations
 
