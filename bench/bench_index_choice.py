@@ -136,7 +136,8 @@ def main() -> None:
                         "--million)")
     parser.add_argument("--million", action="store_true", help="also 1M x 256 hard, <= 300 bytes/vector")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="build-time budget per shape (s)")
-    parser.add_argument("--work", default="bench_work", help="folder for the phantoms and cached embeddings")
+    parser.add_argument("--work", default="runs/bench_index_choice", help="folder for the phantoms and cached "
+                        "embeddings (git-ignored runs/)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -21,7 +22,7 @@ import pandas as pd
 
 from .choose import trained_empty_index, recall_at_k, search_param_grid, sweep_search_params
 from .index import EmbeddingIndex
-from .ops import _as_ids, exact_top_k, normalize_rows
+from .ops import _as_ids, exact_top_k, faiss_stdout_silenced, normalize_rows
 from .store import ON_DISK_LISTS_FILE, atomic_write_dir
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def build_on_disk_index(batches: Iterable[tuple], out: str | os.PathLike, factor
         n_queries: Tuning queries.
         seed: Seed of the training sample and tuning queries.
     """
+    started = time.perf_counter()
     train_vectors = normalize_rows(train_vectors)
     queries = train_vectors[np.random.default_rng(seed + 1).choice(len(train_vectors),
                                                                    min(n_queries, len(train_vectors)), False)]
@@ -113,7 +115,8 @@ def build_on_disk_index(batches: Iterable[tuple], out: str | os.PathLike, factor
             vectors, ids = normalize_rows(vectors), _as_ids(ids, len(batch[0]))
             if vectors.shape[1] != index.d:
                 raise ValueError(f"batch of dim {vectors.shape[1]}, training vectors have dim {index.d}")
-            index.add_with_ids(vectors, ids)
+            with faiss_stdout_silenced():  # on-disk lists print each file resize
+                index.add_with_ids(vectors, ids)
             nearest.update(vectors, ids)
             frame = metadata.reset_index(drop=True) if metadata is not None else pd.DataFrame(index=range(len(ids)))
             rows.append(frame.assign(id=ids))
@@ -124,6 +127,7 @@ def build_on_disk_index(batches: Iterable[tuple], out: str | os.PathLike, factor
         result = EmbeddingIndex(index, factory, metadata, model_fingerprint, extra=extra,
                                 choice={"method": "given, on-disk lists", "factory": factory})
         _tune(result, queries, nearest, target_recall, k)
+        result.choice["build_s"] = round(time.perf_counter() - started, 2)
         result.write_files(folder)
 
     atomic_write_dir(out, write)

@@ -28,6 +28,72 @@ logger = logging.getLogger(__name__)
 METADATA_COLUMNS = ("study_id", "patient_id", "study_date", "split", "image_paths", "view_positions", "report")
 
 
+def _header_extra(kind: str, data: str, split: str | None, label_source: str, model_dir: str | None) -> dict:
+    """What ``index.json`` records about the embeddings (``rvl search`` finds the model through ``model_dir``)."""
+    return {"kind": kind, "data": str(Path(data).absolute()), "split": split, "label_source": label_source,
+            "model_dir": _model_source(model_dir) if model_dir else None}
+
+
+def _metadata_rows(frame: Any, rows: np.ndarray, label_source: str) -> Any:
+    """Index metadata of manifest ``rows``: the :data:`METADATA_COLUMNS` present plus the CheXpert label columns."""
+    from rvl.constants import CHEXPERT_LABELS
+    from rvl.evaluate import _report_labels
+
+    meta = frame.iloc[rows][[c for c in METADATA_COLUMNS if c in frame]].reset_index(drop=True)
+    labels = _report_labels(frame.iloc[rows].reset_index(drop=True), CHEXPERT_LABELS, label_source)
+    meta = meta.assign(**{c: labels[c].to_numpy() for c in CHEXPERT_LABELS})
+    for column in ("image_paths", "view_positions"):
+        if column in meta:
+            meta[column] = meta[column].map(lambda v: [str(x) for x in v])
+    return meta
+
+
+def build_on_disk_index_from_data(model: Any, data: str, out: str, kind: str = "study", factory: str | None = None,
+                                  split: str | None = None, batch_size: int = 32, chunk: int = 8192,
+                                  label_source: str = "auto", target_recall: float = 0.95,
+                                  extra: dict[str, Any] | None = None, fingerprint: str | None = None):
+    """Archives past RAM: embed ``data`` chunk by chunk into an IVF index whose inverted lists stay on disk.
+
+    A training sample (64 studies per list) is embedded first to train the index; then ``chunk`` studies at a time
+    are embedded and added (``rvl.retrieval.archive.build_on_disk_index``), so only one chunk of embeddings is ever
+    in memory. ``factory`` must be IVF (default: ``IVF{≈4·√n}[_HNSW32],SQ8``, 8-bit codes). One process.
+    """
+    from torch.utils.data import Subset
+
+    from rvl.data import StudyDataset
+    from rvl.retrieval.archive import build_on_disk_index
+    from rvl.retrieval.choose import TRAIN_POINTS_PER_LIST, ivf_factory
+    from rvl.retrieval.embed import embed_dataset, embed_texts
+
+    max_views = int(getattr(model, "rvl_cfg", {}).get("max_views", 2))
+    dataset = StudyDataset(data, split=split, max_views=max_views, image_transform=model.preprocess, train=False)
+    frame = dataset.frame.reset_index(drop=True)
+    n = len(frame)
+    factory = factory or ivf_factory(max(16, 2 ** int(round(np.log2(4 * np.sqrt(n))))), "SQ8")
+
+    def embed(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if kind == "report":
+            return rows, embed_texts(model, frame["report"].iloc[rows].astype(str).tolist(), batch_size)
+        emb = embed_dataset(model, Subset(dataset, rows.tolist()), batch_size=batch_size, reports=False,
+                            desc="embedding studies")
+        return emb["index"].astype(np.int64), emb["study"]
+
+    n_lists = int(factory.split(",")[0].split("_")[0][3:]) if factory.startswith("IVF") else 1
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, TRAIN_POINTS_PER_LIST * n_lists), replace=False))
+    train_vectors = embed(sample)[1]
+
+    def batches():
+        seen = np.zeros(n, bool)  # a study substituted for an unreadable one must not come twice
+        for start in range(0, n, chunk):
+            rows, vectors = embed(np.arange(start, min(n, start + chunk)))
+            rows, first = np.unique(rows, return_index=True)
+            fresh = ~seen[rows]
+            seen[rows] = True
+            yield vectors[first][fresh], rows[fresh], _metadata_rows(frame, rows[fresh], label_source)
+    return build_on_disk_index(batches(), out, factory, train_vectors, model_fingerprint=fingerprint,
+                               extra=extra, target_recall=target_recall)
+
+
 def build_index_from_data(model: Any, data: str, kind: str = "study", factory: str | None = None,
                           split: str | None = None, batch_size: int = 32, model_dir: str | None = None,
                           fingerprint: str | None = None, device: str | None = None, label_source: str = "auto",
@@ -46,9 +112,7 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
     from accelerate.utils import gather_object
     from torch.utils.data import Subset
 
-    from rvl.constants import CHEXPERT_LABELS
     from rvl.data import StudyDataset
-    from rvl.evaluate import _report_labels
     from rvl.retrieval import EmbeddingIndex
     from rvl.retrieval.embed import embed_dataset, embed_texts, model_fingerprint
 
@@ -76,14 +140,8 @@ def build_index_from_data(model: Any, data: str, kind: str = "study", factory: s
     vectors = np.concatenate([p[1] for p in parts])
     rows, first = np.unique(rows, return_index=True)  # a study substituted for an unreadable one appears twice
     vectors = vectors[first]
-    meta = frame.iloc[rows][[c for c in METADATA_COLUMNS if c in frame]].reset_index(drop=True)
-    labels = _report_labels(frame.iloc[rows].reset_index(drop=True), CHEXPERT_LABELS, label_source)
-    meta = meta.assign(**{c: labels[c].to_numpy() for c in CHEXPERT_LABELS})
-    for column in ("image_paths", "view_positions"):
-        if column in meta:
-            meta[column] = meta[column].map(lambda v: [str(x) for x in v])
-    extra = {"kind": kind, "data": str(Path(data).absolute()), "split": split, "label_source": label_source,
-             "model_dir": _model_source(model_dir) if model_dir else None}
+    meta = _metadata_rows(frame, rows, label_source)
+    extra = _header_extra(kind, data, split, label_source, model_dir)
     fingerprint = fingerprint or model_fingerprint(model_dir if model_dir else model)
     return EmbeddingIndex.build(vectors, rows, factory=factory, metadata=meta, model_fingerprint=fingerprint,
                                 extra=extra, **build_options)
@@ -118,6 +176,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="views smaller than 32 px or with every pixel equal: refuse (error naming the file, "
                        "default), skip (leave the view out, counted), allow (index them)")
     build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--on-disk", action="store_true", help="archives past RAM: embed and add chunk by chunk into "
+                       "an IVF index whose inverted lists stay on disk (DIR/index.ivfdata, memory-mapped); --factory "
+                       "must be IVF (default IVF{~4 sqrt(n)},SQ8); one process")
+    build.add_argument("--chunk", type=int, default=8192, help="studies embedded per chunk with --on-disk")
     build.add_argument("--device", default=None, help="torch device for a single process (default: cuda if "
                        "available); multi-GPU: accelerate launch")
     remove = sub.add_parser("remove", help="remove studies from an index folder (they are never returned again)",
@@ -204,6 +266,13 @@ def _build(args: argparse.Namespace) -> int:
         if args.index_command != "build":
             return _edit(args)
         model = load_model(args.model, args.device or "cpu")  # Accelerate moves it to this process's device
+        if args.on_disk:
+            index = build_on_disk_index_from_data(
+                model, args.data, args.out, args.kind, args.factory, args.split, args.batch_size, args.chunk,
+                args.label_source, args.target_recall, fingerprint=model_fingerprint(args.model),
+                extra=_header_extra(args.kind, args.data, args.split, args.label_source, args.model))
+            print(f"wrote {args.out}: {args.kind} embeddings, inverted lists on disk\n{describe(index)}")
+            return 0
         index = build_index_from_data(model, args.data, args.kind, args.factory, args.split, args.batch_size,
                                       model_dir=args.model, fingerprint=model_fingerprint(args.model, model),
                                       device=args.device, label_source=args.label_source,

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from .ops import _as_ids, copy_ivf_without, normalize_rows, remove_from_ivf
+from .ops import _as_ids, copy_ivf_without, faiss_stdout_silenced, normalize_rows, remove_from_ivf
 from .store import ON_DISK_LISTS_FILE
 
 ID_COLUMN = "id"
@@ -112,7 +112,9 @@ class IndexEditing:
         lists = self.on_disk_lists
         if lists is not None:  # new lists beside the old ones; save() puts them in the folder as index.ivfdata
             target = lists.with_name(f"{ON_DISK_LISTS_FILE}.compacted-{uuid.uuid4().hex[:10]}")
-            self._index, self._removed = copy_ivf_without(self._index, self._removed, target), np.zeros(0, np.int64)
+            with faiss_stdout_silenced():
+                self._index = copy_ivf_without(self._index, self._removed, target)
+            self._removed = np.zeros(0, np.int64)
             self.set_search_params(self.search_params)
             return dropped
         live = self.ids

@@ -3,7 +3,9 @@
 Vectors are L2-normalised on the way in (build, add and queries), so inner product = cosine similarity. The FAISS
 index is always wrapped in ``IndexIDMap2`` (``"IDMap2,<factory>"``) so that ids are the caller's int64 ids and vectors
 can be reconstructed by id (needed for exact search inside small filtered subsets). The CPU index is the master copy;
-when faiss-gpu and a GPU are present a GPU clone serves unfiltered searches and is dropped on every change.
+when faiss-gpu and a GPU are present a GPU clone serves unfiltered searches (not HNSW, on-disk lists, or while removed
+ids are hidden) and is dropped on every change. Without a factory, ``build`` picks the index by measurement
+(``choose.py``); adding in batches, removal on every kind and compaction live in ``edit.py``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from rvl.version import __version__
 
 from .choose import DEFAULT_BUDGET_S, choose_index, make_index
 from .edit import ID_COLUMN, IndexEditing
-from .ops import _as_ids, _search_parameters, exact_top_k, normalize_rows, on_disk_lists_in, tune_search_params
+from .ops import (_as_ids, _search_parameters, exact_top_k, faiss_stdout_silenced, normalize_rows, on_disk_lists_in,
+                  tune_search_params)
 from .store import (HEADER_FILE, INDEX_FILE, METADATA_FILE, ON_DISK_LISTS_FILE, REMOVED_FILE, atomic_write_dir,
                     read_json, resolve_index_dir, write_json)
 
@@ -390,7 +393,8 @@ class EmbeddingIndex(IndexEditing):
             raise FileNotFoundError(f"{folder}: index.json says the inverted lists are on disk but "
                                     f"{ON_DISK_LISTS_FILE} is missing")
         # on-disk lists are memory-mapped from this folder, wherever the index was written
-        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with faiss_stdout_silenced():
+            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
         if not isinstance(index, faiss.IndexIDMap2):
             raise ValueError(f"{folder / INDEX_FILE}: expected an IDMap2 index, found {type(index).__name__}")
         n_removed = int(header.get("removed_count", 0))

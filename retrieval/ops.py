@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -169,6 +170,25 @@ def tune_search_params(index: Any, vectors: np.ndarray, ids: np.ndarray, target_
     if report is not None:
         report.update(recall=round(got, 4), recall_queries="sampled database vectors")
     return chosen
+
+
+@contextlib.contextmanager
+def faiss_stdout_silenced() -> Iterator[None]:
+    """Silence FAISS's C-level ``printf`` chatter of on-disk lists ("resizing ...", "IO_FLAG_ONDISK_SAME_DIR:
+    updating ...") so it cannot corrupt a command's stdout (``rvl search --json``)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager

