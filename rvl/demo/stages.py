@@ -152,8 +152,9 @@ def stage_label(output: Path, phantoms: dict[str, Any]) -> dict[str, Any]:
     for label in CHEXPERT_LABELS:
         labelled.loc[learn, label] = predicted[label].to_numpy(dtype=float)[learn]
     all_dir, frontal_dir = output / "labelled", output / "labelled_frontal"
-    write_manifest(labelled, all_dir, relative_to=all_dir)
-    write_manifest(frontal_only(labelled), frontal_dir, relative_to=frontal_dir)
+    # absolute image paths: the images live beside these folders, and a manifest path leaving its folder is refused
+    write_manifest(labelled, all_dir)
+    write_manifest(frontal_only(labelled), frontal_dir)
     return {"manifest": str(all_dir / "manifest.parquet"), "frontal_manifest": str(frontal_dir / "manifest.parquet"),
             "reports_per_s": len(truth) / max(seconds, 1e-9), **agreement}
 
