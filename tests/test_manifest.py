@@ -245,3 +245,17 @@ def test_dicom_folder_given_as_relative_path_gives_readable_image_paths(tmp_path
     path = Path(frame.loc[0, "image_paths"][0])
     assert path.is_absolute() and path == folder / "IM0001"
     assert read_image(path).shape == ramp().shape
+
+
+def test_image_paths_are_absolute_when_the_manifest_is_named_relatively(tmp_path, monkeypatch):
+    """A manifest read through a relative path still yields absolute image paths, so a copy written elsewhere
+    (e.g. the demo's labelled manifest) points at the same files."""
+    frame = rvl_frame(tmp_path)
+    write_manifest(frame, tmp_path / "m")
+    (tmp_path / "m" / "images").symlink_to(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    read = read_manifest(Path("m") / "manifest.parquet")
+    assert all(Path(p).is_absolute() and Path(p).exists() for paths in read["image_paths"] for p in paths)
+    write_manifest(read, tmp_path / "copy")
+    again = read_manifest(tmp_path / "copy" / "manifest.parquet")
+    assert list(again["image_paths"]) == list(read["image_paths"])

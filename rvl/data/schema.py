@@ -71,7 +71,7 @@ def finalize_manifest(frame: pd.DataFrame, base_dir: str | os.PathLike, origin: 
         views.append([normalize_view(v) for v in row_views])
     frame["image_paths"], frame["view_positions"] = image_paths, views
     for col in [c for c in frame.columns if c.endswith("_paths") and c != "image_paths"]:  # e.g. dicom_paths
-        frame[col] = [[p if os.path.isabs(p) else os.path.normpath(base_dir / p)
+        frame[col] = [[p if os.path.isabs(p) else os.path.abspath(base_dir / p)
                        for p in _as_list(v, col, origin, i)] if not _is_missing(v) else None
                       for i, v in enumerate(frame[col])]
     for col in [c for c in SCALAR_COLUMNS if c in frame.columns]:
@@ -121,7 +121,7 @@ def _under_root(path: str, base_dir: Path, origin: str, row: int, study: Any) ->
     if os.path.relpath(full, os.path.normpath(base_dir)).split(os.sep)[0] == "..":
         raise ManifestError(f"{origin}: row {row} (study {study}): image path {path!r} points outside the manifest "
                             f"folder {base_dir}; write it as an absolute path if that is intended")
-    return full
+    return os.path.abspath(full)  # absolute even when the manifest was named by a relative path
 
 
 def _label_values(values: pd.Series, label: str, origin: str, studies: pd.Series) -> pd.Series:
