@@ -61,26 +61,38 @@ class Matrix:
         self.cells: list[tuple[str, str, str, str]] = []
 
     def add(self, row: str, fault: str, verdict: str, detail: str = "") -> None:
+        detail = " | ".join(line.strip() for line in detail.splitlines() if line.strip())
         self.cells.append((row, fault, verdict, detail))
         mark = "ok " if verdict in GOOD else "!! "
         print(f"  {mark}{row:<22} {fault:<28} {verdict:<10} {detail[:150]}", flush=True)
 
+    @staticmethod
+    def column(fault: str) -> str:
+        kind = fault.split(":")[0]
+        return "bad input" if kind in ("image", "manifest", "reports") else kind
+
     def table(self) -> str:
-        faults = sorted({c[1].split(":")[0] for c in self.cells})
-        rows = sorted({c[0] for c in self.cells})
-        lines = [f"{'command / artifact':<24}" + "".join(f"{f:>22}" for f in faults)]
+        """survived/cells per command or artifact and fault, then the totals by verdict."""
+        order = ["kill", "flip", "truncate", "delete", "disk full", "two writers", "bad input"]
+        faults = [f for f in order if any(self.column(c[1]) == f for c in self.cells)]
+        rows = sorted({c[0] for c in self.cells}, key=lambda r: (r.startswith("bad"), r.startswith("artifact"), r))
+        lines = [f"{'survived / cells':<26}" + "".join(f"{f:>12}" for f in faults)]
         for row in rows:
             cells = []
             for fault in faults:
-                mine = [c for c in self.cells if c[0] == row and c[1].split(":")[0] == fault]
-                good = sum(c[2] in GOOD for c in mine)
-                cells.append(f"{good}/{len(mine)} survived" if mine else "-")
-            lines.append(f"{row:<24}" + "".join(f"{c:>22}" for c in cells))
-        verdicts = {}
+                mine = [c for c in self.cells if c[0] == row and self.column(c[1]) == fault]
+                cells.append(f"{sum(c[2] in GOOD for c in mine)}/{len(mine)}" if mine else "-")
+            lines.append(f"{row:<26}" + "".join(f"{c:>12}" for c in cells))
+        verdicts = {v: 0 for v in ("survived", "lost", "silent", "traceback")}
         for c in self.cells:
             verdicts[c[2]] = verdicts.get(c[2], 0) + 1
-        lines.append("totals: " + ", ".join(f"{v} {k}" for k, v in sorted(verdicts.items())) +
-                     f" of {len(self.cells)} cells")
+        kills = sum(self.column(c[1]) == "kill" for c in self.cells)
+        corrupt = [c for c in self.cells if c[0].startswith("artifact: ")]
+        bad = {c[1] for c in self.cells if self.column(c[1]) == "bad input"}
+        lines.append(f"totals: {len(self.cells)} cells: " + ", ".join(f"{n} {v}" for v, n in verdicts.items()))
+        lines.append(f"  {kills} kill points; {len(corrupt)} corruptions of {len({c[0] for c in corrupt})} artifact "
+                     f"kinds x 3 faults; {len(bad)} bad inputs through "
+                     f"{sum(self.column(c[1]) == 'bad input' for c in self.cells)} reader / command runs")
         return "\n".join(lines)
 
 
@@ -259,7 +271,7 @@ def main() -> int:
     if "bad-inputs" in only:
         bad_input_cells(work / "bad", refs["pretrain"] / "run" / "model", matrix)
     print("\n" + matrix.table())
-    print(f"\nkinds of artifact checked for corruption: {', '.join(sorted(ARTIFACT_READERS))}")
+    print(f"kinds of artifact checked for corruption: {', '.join(sorted(ARTIFACT_READERS))}")
     if "checksum-cost" in only:
         print("\n" + checksum_cost(work / "big", cache_gb))
     print(f"\n{time.perf_counter() - started:.0f} s in all")
