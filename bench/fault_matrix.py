@@ -155,21 +155,14 @@ def kill_cells(spec: KillSpec, ref_out: Path, ref_seconds: float, work: Path, n_
         out.mkdir(parents=True)
         inside_write = k % 3 == 2
         delay = rng.uniform(0.05, 0.8) * ref_seconds  # runs vary on a shared machine: stay inside the run
-        proc = subprocess.Popen(spec.argv(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start, moment = time.perf_counter(), ""
-        while proc.poll() is None:
-            elapsed = time.perf_counter() - start
-            if inside_write and leftovers(out) and elapsed > delay / 3:
-                moment = f"inside a write ({leftovers(out)[0]}) at {elapsed:.2f}s"
-            elif not inside_write and elapsed >= delay:
-                moment = f"at {elapsed:.2f}s"
+        for _ in range(4):  # a run that finished before its kill is tried again with half the delay
+            moment = _run_and_kill(spec.argv(out), out, inside_write, delay)
             if moment:
-                os.kill(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.003 if inside_write else 0.01)
-        proc.wait()
-        if not moment:
-            moment = "finished before the kill"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            delay /= 2
+        moment = moment or "finished before the kill"
         done = run(spec.rerun(out))
         if "Traceback" in done.stderr:
             matrix.add(spec.name, f"kill:{k}", "traceback", done.stderr[-300:])
@@ -178,6 +171,25 @@ def kill_cells(spec: KillSpec, ref_out: Path, ref_seconds: float, work: Path, n_
         left = leftovers(out)
         verdict = "survived" if same and not left else "lost"
         matrix.add(spec.name, f"kill:{k}", verdict, f"{moment}; {detail}" + (f"; leftovers {left}" if left else ""))
+
+
+def _run_and_kill(argv: list[str], out: Path, inside_write: bool, delay: float) -> str:
+    """Start ``argv`` and SIGKILL it after ``delay`` s (or, ``inside_write``, once a temporary file appears after a
+    third of it); returns the moment, or "" when the command finished first."""
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start, moment = time.perf_counter(), ""
+    while proc.poll() is None:
+        elapsed = time.perf_counter() - start
+        if inside_write and leftovers(out) and elapsed > delay / 3:
+            moment = f"inside a write ({leftovers(out)[0]}) at {elapsed:.2f}s"
+        elif not inside_write and elapsed >= delay:
+            moment = f"at {elapsed:.2f}s"
+        if moment:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.003 if inside_write else 0.01)
+    proc.wait()
+    return moment
 
 
 # ------------------------------------------------------------------------------------------------- two writers
