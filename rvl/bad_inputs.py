@@ -218,7 +218,8 @@ def manifest_cases(root: Path, full: bool = False) -> list[Case]:
     add("no_image_column.parquet", base.drop(columns=["image_paths"]), "missing required column")
     add("no_study_id.csv", base.drop(columns=["study_id"]), "missing required column")
     add("duplicate_ids.parquet", base.assign(study_id=["s1", "s2", "s1"]), "rows [0, 2]")
-    add("outside_root.parquet", base.assign(image_paths=[[images[0]], ["../../etc/passwd"], [images[2]]]), "row 1")
+    outside = [[images[0]], ["../../no/such/folder/pa.png"], [images[2]]]  # climbs out of the folder, to nothing
+    add("outside_root.parquet", base.assign(image_paths=outside), "row 1")
     add("nan_labels.parquet", base.assign(**{label: np.nan for label in CHEXPERT_LABELS}), "", "ok")
     add("text_label.csv", base.assign(Edema=["yes", "0", ""]), "row 0")
     add("label_two.parquet", base.assign(Edema=[1.0, 2.0, 0.0]), "row 1")

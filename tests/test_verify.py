@@ -15,12 +15,12 @@ from rvl.integrity import write_checksums, write_sidecar
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A cache split over several data files (tiny max_shard_size), so a repair can leave most of them alone."""
-    from rvl.data import prepare
     from test_prepare import make_manifest
 
     root = tmp_path_factory.mktemp("verify")
     manifest = make_manifest(root)
-    prepare(manifest, root / "cache", size=32, workers=0, progress=False, max_shard_size="3KB", shard_studies=2)
+    assert rvl_main(["prepare", str(manifest), "--out", str(root / "cache"), "--size", "32", "--workers", "0",
+                     "--no-progress", "--max-shard-size", "3KB", "--shard-studies", "2"]) == 0
     return manifest, root / "cache"
 
 

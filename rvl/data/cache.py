@@ -250,6 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-studies", type=int, default=DEFAULT_SHARD_STUDIES,
                         help="studies per resumable shard")
     parser.add_argument("--keep-shards", action="store_true", help="keep DIR/shards for cheap incremental re-runs")
+    parser.add_argument("--max-shard-size", default=None, help="largest data file of DIR/dataset, e.g. 200MB "
+                        "(default 500MB): --repair rebuilds whole data files, so smaller files make a repair cheaper")
     parser.add_argument("--repair", action="store_true", help="check DIR against the checksums in prepare.json and "
                         "rebuild only the damaged or missing data files (from the same manifest)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -270,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = prepare(args.manifest, args.out, size=args.size, workers=args.workers, strict=args.strict,
                        format=args.format, shard_studies=args.shard_studies, keep_shards=args.keep_shards,
-                       progress=not args.no_progress, labels=args.labels, **kwargs)
+                       progress=not args.no_progress, max_shard_size=args.max_shard_size, labels=args.labels,
+                       **kwargs)
     except (PrepareError, ManifestError, FileNotFoundError, IntegrityError, OutputBusyError, ValueError) as e:
         print(f"rvl prepare: error: {e}", file=sys.stderr)
         return 2

@@ -113,14 +113,19 @@ def finalize_manifest(frame: pd.DataFrame, base_dir: str | os.PathLike, origin: 
 
 
 def _under_root(path: str, base_dir: Path, origin: str, row: int, study: Any) -> str:
-    """Absolute form of a manifest image path; a relative one that climbs out of the manifest's folder is refused
-    (a typo or a hostile manifest: absolute paths say where they point)."""
+    """Absolute form of a manifest image path (relative ones are relative to the manifest's folder).
+
+    A relative path that climbs out of that folder to a file that does not exist is refused here: it is the mark of a
+    manifest moved away from its images (every path would fail later, one by one) or of a typo. One that exists is
+    kept (a manifest written next to, not above, its images).
+    """
     if os.path.isabs(path):
         return path
     full = os.path.normpath(base_dir / path)
-    if os.path.relpath(full, os.path.normpath(base_dir)).split(os.sep)[0] == "..":
+    if os.path.relpath(full, os.path.normpath(base_dir)).split(os.sep)[0] == ".." and not os.path.exists(full):
         raise ManifestError(f"{origin}: row {row} (study {study}): image path {path!r} points outside the manifest "
-                            f"folder {base_dir}; write it as an absolute path if that is intended")
+                            f"folder {base_dir} to a file that does not exist ({full}); image paths are relative to "
+                            "the manifest's folder, or absolute")
     return os.path.abspath(full)  # absolute even when the manifest was named by a relative path
 
 
