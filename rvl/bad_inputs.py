@@ -134,7 +134,7 @@ def image_cases(root: Path, full: bool = False) -> list[Case]:
     buffer = io.BytesIO()
     Image.open(good[0]).save(buffer, format="TIFF")
     sources[".tif"] = buffer.getvalue()
-    seeds = range(4) if full else range(1)
+    seeds = range(8) if full else range(1)  # random files of 2 to 5.5 kB
     for suffix in IMAGE_SUFFIXES:
         add(f"zero{suffix}", b"")
         for seed in seeds:
@@ -145,6 +145,16 @@ def image_cases(root: Path, full: bool = False) -> list[Case]:
             if full:
                 add(f"header_only{suffix}", data[:64])
                 add(f"magic_then_noise{suffix}", data[:8] + random.Random(9).randbytes(len(data) - 8))
+                for share in (10, 90):  # cut early (headers only) and late (the last rows of pixels missing)
+                    add(f"truncated{share}{suffix}", data[:len(data) * share // 100])
+    if full:  # the same damage under upper-case names (PACS exports) and as larger random files
+        for suffix in (".PNG", ".JPG", ".DCM", ".TIFF"):
+            add(f"zero_upper{suffix}", b"")
+            add(f"random_upper{suffix}", random.Random(11).randbytes(3000))
+            data = sources[suffix.lower().replace(".tiff", ".tif")]
+            add(f"truncated_upper{suffix}", data[:len(data) // 3])
+        for suffix in IMAGE_SUFFIXES:
+            add(f"random_large{suffix}", random.Random(12).randbytes(65536))
     add("text.png", b"this is not an image, it is a note")
     add("folder.png", None)
     add("bomb.png", _png_claiming(30000, 30000))
@@ -241,6 +251,16 @@ def manifest_cases(root: Path, full: bool = False) -> list[Case]:
         add("dict_in_split.jsonl", base.assign(split=[{"a": 1}, "train", "test"]), "row 0")
         add("no_header.csv", None, "no_header.csv", raw=b"p1,s1,good.png,PA,report\n")
         add("binary.csv", None, "binary.csv", raw=random.Random(5).randbytes(3000))
+        add("label_minus_two.parquet", base.assign(Edema=[-2.0, 0.0, 1.0]), "row 0")
+        add("nan_study_id.parquet", base.assign(study_id=["s1", None, "s3"]), "row 1")
+        add("broken_json_paths.csv", base.assign(image_paths=['["a.png"', "[]", "[1,"]), "row")
+        add("zero.parquet", None, "zero.parquet", raw=b"")
+        add("zero.jsonl", None, "zero.jsonl", raw=b"")
+        add("random.jsonl", None, "random.jsonl", raw=random.Random(8).randbytes(2048))
+        add("only_header.csv", None, "only_header.csv", raw=b"patient_id,study_id,image_paths\n")
+        # a manifest may list a file that is gone: prepare skips and counts it, strict refuses
+        gone = [["no_such.png"], [images[1]], [images[2], images[0]]]
+        add("missing_image_file.parquet", base.assign(image_paths=gone), "", "ok")
     return cases
 
 
@@ -282,6 +302,10 @@ def report_cases(root: Path, full: bool = False) -> list[Case]:
         add("only_header.csv", b"report\n", rows=0)
         add("truncated.parquet", _parquet_bytes(pd.DataFrame({"report": reports}))[:200], "error", None)
         add("one_column_other_name.csv", b"text\nNo effusion.\n", rows=2)  # read as headerless: both lines labelled
+        add("whitespace_reports.csv", b'report\n"   "\n""\n"No effusion."\n', rows=3)
+        add("gzip.jsonl.gz", __import__("gzip").compress(b'{"report": "No effusion."}\n{"report": "Edema."}\n'),
+            rows=2)
+        add("zero.parquet", b"", "error", None)
     return cases
 
 

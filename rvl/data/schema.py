@@ -55,6 +55,8 @@ def finalize_manifest(frame: pd.DataFrame, base_dir: str | os.PathLike, origin: 
     missing = [c for c in ("patient_id", "study_id", "image_paths") if c not in frame.columns]
     if missing:
         raise ManifestError(f"{origin}: missing required column(s) {missing}; has {list(frame.columns)[:20]}")
+    if len(frame) == 0:  # a header and nothing else: every later step would fail with a less helpful message
+        raise ManifestError(f"{origin}: the manifest has no studies (only a header?)")
     frame = frame.reset_index(drop=True).copy()
     base_dir = Path(base_dir)
     image_paths, views = [], []
