@@ -180,8 +180,9 @@ def _run_and_kill(argv: list[str], out: Path, inside_write: bool, delay: float) 
     start, moment = time.perf_counter(), ""
     while proc.poll() is None:
         elapsed = time.perf_counter() - start
-        if inside_write and leftovers(out) and elapsed > delay / 3:
-            moment = f"inside a write ({leftovers(out)[0]}) at {elapsed:.2f}s"
+        writing = leftovers(out) if inside_write else []  # listed once: the temporary file may vanish any moment
+        if writing and elapsed > delay / 3:
+            moment = f"inside a write ({writing[0]}) at {elapsed:.2f}s"
         elif not inside_write and elapsed >= delay:
             moment = f"at {elapsed:.2f}s"
         if moment:
