@@ -95,13 +95,13 @@ def build_model(cfg: Config, tok_dir: Path, train_reports=None, is_main: bool = 
     from rvl.model.sources import build_from_init
 
     init = cfg.model.init or cfg.model.pretrained
-    local_text = not init and not cfg.model.text_tower
-    spec = get_model_config(cfg.model.name)["rvl_cfg"].get("text_tower") if local_text else None
+    model_cfg = get_model_config(cfg.model.name) if not init and not cfg.model.text_tower else None
+    spec = model_cfg["rvl_cfg"].get("text_tower") if model_cfg else None  # a locally built text tower
     if spec and is_main and not tok_dir.exists():
         tmp = tok_dir.parent / ".tmp-tokenizer"
         shutil.rmtree(tmp, ignore_errors=True)
         texts = [report_text_for_model(r) for r in train_reports]
-        context = get_model_config(cfg.model.name)["text_cfg"].get("context_length", 128)
+        context = model_cfg["text_cfg"].get("context_length", 128)
         train_wordpiece(texts, int(spec.get("vocab_size", 8000)), tmp, context)
         os.replace(tmp, tok_dir)
     wait()

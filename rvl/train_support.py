@@ -232,9 +232,10 @@ def embedding_spread(studies, reports, tokens) -> dict[str, float]:
     """
     import torch
 
-    _, first = torch.unique(tokens, dim=0, return_inverse=True)
-    keep = torch.unique(first)  # one row per distinct report text
-    distinct = torch.stack([reports[(first == k).nonzero()[0, 0]] for k in keep]) if len(keep) else reports
+    import numpy as np
+
+    _, first_rows = np.unique(tokens.numpy(), axis=0, return_index=True)  # one row per distinct report text
+    distinct = reports[torch.as_tensor(first_rows)]
 
     def mean_cosine(x):
         if len(x) < 2:

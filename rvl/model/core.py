@@ -75,11 +75,7 @@ class RVLModel(nn.Module):
         hf_tok = getattr(tokenizer, "tokenizer", None)
         vocab_size = len(hf_tok) if hf_tok is not None else int(getattr(tokenizer, "vocab_size", 49408))
         self.pad_id = int(hf_tok.pad_token_id) if hf_tok is not None else 0
-        dec = rvl_cfg["decoder"]
-        self.caption_decoder = CaptionDecoder(
-            vocab_size, memory_dim, int(tokenizer.context_length), width=dec["width"], layers=dec["layers"],
-            heads=dec["heads"], mlp_ratio=dec.get("mlp_ratio", 4.0), num_view_types=len(self.view_types),
-            pad_id=self.pad_id, vocab_ids=dec.get("vocab_ids"))
+        self.caption_decoder = self._caption_decoder(vocab_size, memory_dim, int(tokenizer.context_length))
         pp = clip.visual.preprocess_cfg
         size = clip.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -252,13 +248,17 @@ class RVLModel(nn.Module):
             ids.update(int(i) for i in torch.unique(self.tokenize_reports(texts[start:start + 256])))
         dec = self.caption_decoder
         self.rvl_cfg = {**self.rvl_cfg, "decoder": {**self.rvl_cfg["decoder"], "vocab_ids": sorted(ids)}}
-        cfg = self.rvl_cfg["decoder"]
-        self.caption_decoder = CaptionDecoder(
-            dec.remap.numel() if dec.compact else dec.token_embed.num_embeddings, dec.memory_proj.in_features,
-            dec.pos_embed.shape[1], width=cfg["width"], layers=cfg["layers"], heads=cfg["heads"],
-            mlp_ratio=cfg.get("mlp_ratio", 4.0), num_view_types=len(self.view_types), pad_id=self.pad_id,
-            vocab_ids=cfg["vocab_ids"]).to(self.logit_scale.device)
+        full_vocab = dec.remap.numel() if dec.compact else dec.token_embed.num_embeddings
+        self.caption_decoder = self._caption_decoder(full_vocab, dec.memory_proj.in_features,
+                                                     dec.pos_embed.shape[1]).to(self.logit_scale.device)
         return self.caption_decoder.token_embed.num_embeddings
+
+    def _caption_decoder(self, vocab_size: int, memory_dim: int, context_length: int) -> CaptionDecoder:
+        """The report decoder ``rvl_cfg["decoder"]`` describes (its compact vocabulary when ``vocab_ids`` is set)."""
+        cfg = self.rvl_cfg["decoder"]
+        return CaptionDecoder(vocab_size, memory_dim, context_length, width=cfg["width"], layers=cfg["layers"],
+                              heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0),
+                              num_view_types=len(self.view_types), pad_id=self.pad_id, vocab_ids=cfg.get("vocab_ids"))
 
     def save_pretrained(self, save_dir: str | Path) -> Path:
         """Export an open_clip-loadable folder + rvl sidecar (see :func:`rvl.model.export.save_pretrained`)."""

@@ -159,9 +159,10 @@ def _load_tower_weights(clip, checkpoint: str, skip_text: bool, skip_image: bool
     state = {k: v for k, v in state.items() if ours(k) and not k.endswith("position_ids")}
     if "logit_scale" in state and state["logit_scale"].ndim != clip.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
-    expected = {k for k in clip.state_dict() if ours(k) and not k.endswith("position_ids")}
+    current = clip.state_dict()
+    expected = {k for k in current if ours(k) and not k.endswith("position_ids")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    wrong_shape = sorted(k for k in set(state) & expected if tuple(state[k].shape) != tuple(clip.state_dict()[k].shape))
+    wrong_shape = sorted(k for k in set(state) & expected if tuple(state[k].shape) != tuple(current[k].shape))
     if missing or unexpected or wrong_shape:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
