@@ -25,6 +25,10 @@ _MARKERS = {"cache": ("dataset/state.json", "dataset/dataset_info.json"), "index
 
 
 def _artifact_kind(folder: Path) -> str | None:
+    from rvl.finetune.outputs import is_finetune_folder
+
+    if is_finetune_folder(folder):
+        return "finetune"
     if (folder / CACHE_HEADER).is_file() or any((folder / m).exists() for m in _MARKERS["cache"]):
         return "cache"
     if (folder / INDEX_HEADER).is_file() or any((folder / m).exists() for m in _MARKERS["index"]):
@@ -49,6 +53,8 @@ def _header_table(folder: Path, header: str) -> tuple[dict | None, FileStatus | 
 
 
 def _verify_artifact(folder: Path, kind: str) -> list[FileStatus]:
+    if kind == "finetune":
+        return _verify_finetune(folder)
     if kind == "folder":
         try:
             table = read_checksums(folder)
@@ -65,6 +71,30 @@ def _verify_artifact(folder: Path, kind: str) -> list[FileStatus]:
     if kind == "cache":
         out.extend(FileStatus(rel, "extra") for rel in _cache_extras(folder, table))
         out.extend(_cache_shards(folder))
+    return out
+
+
+def _verify_finetune(folder: Path) -> list[FileStatus]:
+    """An ``rvl finetune`` folder: its table (checkpoints excluded: they are checked as artifacts of their own) and
+    each run's sealed ``result.json``."""
+    from rvl.finetune.outputs import read_result, table_files
+
+    try:
+        table = read_checksums(folder)
+    except IntegrityError as err:
+        return [FileStatus(CHECKSUMS_NAME, "corrupt", err.problem)]
+    out = [FileStatus(CHECKSUMS_NAME, "missing")] if table is None else \
+        [FileStatus(CHECKSUMS_NAME, "ok"), *check_files(folder, table, extras=False)]
+    listed = set(table["files"]) if table else set()
+    out.extend(FileStatus(rel, "extra", "not in checksums.json (written by an interrupted run?)")
+               for rel in table_files(folder) if rel not in listed)
+    for result in sorted(folder.glob("runs/*/result.json")):
+        rel = result.relative_to(folder).as_posix()
+        try:
+            read_result(result)
+        except IntegrityError as err:
+            if not any(s.path == rel and s.status != "ok" for s in out):
+                out.append(FileStatus(rel, "corrupt", err.problem))
     return out
 
 
@@ -120,6 +150,9 @@ def verify_path(path: str | Path) -> list[tuple[Path, list[FileStatus]]]:
         kind = _artifact_kind(folder)
         if kind is not None:
             found.append((folder, _verify_artifact(folder, kind)))
+            if kind == "finetune":  # each checkpoint of a full fine-tuning run is an artifact of its own
+                stack.extend(sorted((p for p in folder.glob("runs/*/checkpoints/*")
+                                     if p.is_dir() and not p.name.startswith(".")), reverse=True))
             continue
         children = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), reverse=True)
         for child in children:

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rvl.data.schema import ManifestError
+    from rvl.fileio import OutputBusyError
     from rvl.finetune.grid import run_grid
 
     try:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_grid(args.data, args.output_dir, args.init, args.mode, args.label_fraction, args.seeds,
                            settings, resume=args.resume, cam=args.cam, n_bootstrap=args.bootstrap,
                            train_split=args.train_split, test_split=args.test_split)
-    except (ValueError, FileNotFoundError, ManifestError, KeyError) as err:
+    except (ValueError, FileNotFoundError, ManifestError, KeyError, OutputBusyError) as err:
         print(f"rvl finetune: error: {err}", file=sys.stderr)
         return 2
     print(summary.get("table", "no finished run"))

@@ -27,9 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from rvl.finetune.classifier import StudyClassifier, init_key, resolve_init
+from rvl.finetune.outputs import (adopt_run, clean_temporaries, file_hashes, load_embeddings, read_table,
+                                  save_embeddings, seal_outputs, write_result)
 from rvl.finetune.subsets import draw_patient_subset, subset_file, write_subset
 from rvl.finetune.trainer import FinetuneSettings, PatientSubset, predict, study_features, train_full, train_linear
-from rvl.fileio import write_json_atomic
+from rvl.fileio import exclusive_output, write_json_atomic
 
 __all__ = ["run_grid", "run_name"]
 
@@ -65,21 +67,18 @@ def _datasets(data: str, encoder: Any, settings: FinetuneSettings, split: str, t
 
 
 def _cached_features(out_dir: Path, init: str, seed: int, encoder: Any, data: str, settings: FinetuneSettings,
-                     splits: dict[str, str]) -> dict[str, dict[str, np.ndarray]]:
+                     splits: dict[str, str]) -> tuple[dict[str, dict[str, np.ndarray]], Path]:
     """Frozen study embeddings of the train and test splits, computed once per (init, views) and cached."""
     key = init_key(init) + (f"-seed{seed}" if init == "scratch" else "")  # a scratch encoder differs per seed
     path = out_dir / "embeddings" / f"{key}_{settings.views}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            return {name: {"features": cached[f"{name}_features"], "study_id": cached[f"{name}_study_id"]}
-                    for name in splits}
+    cached = load_embeddings(out_dir, path, list(splits))
+    if cached is not None:
+        return cached, path
     out = {name: study_features(encoder, _datasets(data, encoder, settings, split, train=False),
                                 desc=f"embedding {split} ({key})") for name, split in splits.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **{f"{n}_{k}": v for n, d in out.items() for k, v in d.items()})
-    tmp.replace(path)
-    return out
+    save_embeddings(path, out)
+    seal_outputs(out_dir, [path.relative_to(out_dir).as_posix()])
+    return out, path
 
 
 def _run_one(data: str, out_dir: Path, init: str, mode: str, fraction: float, seed: int, patients: list[str],
@@ -94,10 +93,12 @@ def _run_one(data: str, out_dir: Path, init: str, mode: str, fraction: float, se
     encoder = resolve_init(init, settings.model, seed)
     classifier = StudyClassifier(encoder, len(settings.labels), seed)
     train_frame, test_frame = frames["train"], frames["test"]
+    feats_path = None
     in_subset = train_frame["patient_id"].astype(str).isin(set(patients)).to_numpy()
     if mode == "linear":
         classifier.freeze_encoder()
-        feats = _cached_features(out_dir, init, seed, encoder, data, settings, {"train": "train", "test": "test"})
+        feats, feats_path = _cached_features(out_dir, init, seed, encoder, data, settings,
+                                             {"train": "train", "test": "test"})
         if not np.array_equal(feats["train"]["study_id"].astype(str), train_frame["study_id"].astype(str)):
             raise ValueError(f"{out_dir / 'embeddings'}: cached embeddings are of other studies; delete the folder")
         values = train_frame[settings.labels].to_numpy(dtype=np.float64, na_value=np.nan)[in_subset]
@@ -130,8 +131,12 @@ def _run_one(data: str, out_dir: Path, init: str, mode: str, fraction: float, se
     result = {"run": name, "init": init, "mode": mode, "augment": settings.augmentations(mode), "fraction": fraction,
               "seed": seed, "n_patients": len(patients), "n_studies": int(in_subset.sum()), "subset_hash": subset_hash,
               "settings": dataclasses.asdict(settings), "train": train_info, "metrics": metrics, "cam": cam_info,
-              "seconds": round(time.perf_counter() - started, 1)}
-    write_json_atomic(run_dir / "result.json", result)  # last: marks the run finished
+              "seconds": round(time.perf_counter() - started, 1),
+              "files": file_hashes(out_dir, [out_dir / "predictions" / f"{name}.csv",
+                                             *sorted((out_dir / "cam" / name).glob("*.png"))]),
+              "inputs": file_hashes(out_dir, [feats_path]) if feats_path else {}}
+    write_result(run_dir / "result.json", result)  # last: marks the run finished (sealed: trusted only when intact)
+    seal_outputs(out_dir, adopt_run(out_dir, run_dir / "result.json"))
     return result
 
 
@@ -155,9 +160,25 @@ def run_grid(data: str, out_dir: str | Path, inits: Sequence[str], modes: Sequen
     if unknown:
         raise ValueError(f"--mode must be linear and/or full, got {unknown}")
     runs_dir = out_dir / "runs"
-    if not resume and runs_dir.is_dir() and any(runs_dir.iterdir()):
-        raise ValueError(f"{out_dir} already holds runs: add --resume to finish / extend the grid there, or choose a "
-                         "new --output-dir")
+    with exclusive_output(out_dir / ".finetune.lock", f"the fine-tuning folder {out_dir}"):
+        if not resume and runs_dir.is_dir() and any(runs_dir.iterdir()):
+            raise ValueError(f"{out_dir} already holds runs: add --resume to finish / extend the grid there, or choose "
+                             "a new --output-dir")
+        clean_temporaries(out_dir)
+        read_table(out_dir)  # a damaged table is refused before anything is trained on top of it
+        return _run_grid_locked(data, out_dir, inits, modes, fractions, seeds, settings, resume, cam, n_bootstrap,
+                                train_split, test_split)
+
+
+def _run_grid_locked(data: str, out_dir: Path, inits: Sequence[str], modes: Sequence[str],
+                     fractions: Sequence[float], seeds: Sequence[int], settings: FinetuneSettings, resume: bool,
+                     cam: int, n_bootstrap: int, train_split: str, test_split: str) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from rvl.data import StudyDataset
+    from rvl.finetune.results import write_summary
+
+    runs_dir = out_dir / "runs"
     frames = {"train": StudyDataset(data, split=train_split, max_views=1).frame,
               "test": StudyDataset(data, split=test_split, max_views=1).frame,
               "train_split": train_split, "test_split": test_split}
@@ -174,10 +195,14 @@ def run_grid(data: str, out_dir: str | Path, inits: Sequence[str], modes: Sequen
         for seed in seeds:
             patients = draw_patient_subset(frames["train"], settings.labels, fraction, seed)
             subsets[fraction, seed] = (patients, write_subset(subset_file(out_dir, fraction, seed), patients))
+    seal_outputs(out_dir, ["config.json", *(subset_file(out_dir, f, s).relative_to(out_dir).as_posix()
+                                            for f, s in subsets)])  # checked by write_subset against the draw
     grid = [(i, m, f, s) for i in inits for m in modes for f in fractions for s in seeds]
-    done = skipped = 0
+    done, skipped, adopted = 0, 0, []
     for init, mode, fraction, seed in tqdm(grid, desc="finetune grid", unit="run"):
-        if (runs_dir / run_name(init, mode, fraction, seed, settings) / "result.json").is_file():
+        finished = runs_dir / run_name(init, mode, fraction, seed, settings) / "result.json"
+        if finished.is_file():
+            adopted += adopt_run(out_dir, finished)  # refuses a damaged record or file, naming it
             skipped += 1
             continue
         patients, digest = subsets[fraction, seed]
@@ -187,4 +212,6 @@ def run_grid(data: str, out_dir: str | Path, inits: Sequence[str], modes: Sequen
         macro = result["metrics"]["macro"]["auc"]
         tqdm.write(f"{result['run']}: macro AUC {macro:.3f}" if macro is not None else f"{result['run']}: no AUC")
     summary = write_summary(out_dir)
+    seal_outputs(out_dir, adopted + [rel for rel in ("summary.csv", "summary.md", "auc_vs_fraction.png")
+                                     if (out_dir / rel).is_file()])
     return {**summary, "trained": done, "skipped_finished": skipped}

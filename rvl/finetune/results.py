@@ -5,7 +5,6 @@ uncertain left out of that label), whatever the training policy was, so every ru
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,7 +44,9 @@ def write_predictions(path: Path, probs: np.ndarray, frame: Any, labels: Sequenc
 
 def collect_results(runs_dir: Path) -> list[dict[str, Any]]:
     """Every finished run's ``result.json`` under ``runs_dir`` (a run without one is unfinished)."""
-    return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*/result.json"))]
+    from rvl.finetune.outputs import read_result
+
+    return [read_result(p) for p in sorted(Path(runs_dir).glob("*/result.json"))]
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:

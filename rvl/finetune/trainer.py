@@ -170,7 +170,8 @@ def train_full(classifier: Any, train_set: Any, settings: FinetuneSettings, seed
 
     from rvl.data import collate_studies
     from rvl.finetune.augment import StudyCutMix
-    from rvl.train_support import EpochSampler, SeededStudies, TrainState, list_checkpoints, save_checkpoint
+    from rvl.train_support import (EpochSampler, SeededStudies, TrainState, list_checkpoints, save_checkpoint,
+                                   verify_checkpoint)
 
     use_cpu = settings.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     mixed = settings.mixed_precision
@@ -199,6 +200,7 @@ def train_full(classifier: Any, train_set: Any, settings: FinetuneSettings, seed
     accelerator.register_for_checkpointing(state)
     found = list_checkpoints(ckpt_dir) if resume else []
     if found:
+        verify_checkpoint(found[-1], ckpt_dir)  # a damaged checkpoint is refused, naming the file
         accelerator.load_state(str(found[-1]))
         logger.info("resumed %s from %s (step %d)", run_dir.name, found[-1].name, state.step)
     pick = [CHEXPERT_LABELS.index(c) for c in settings.labels]  # batch labels hold the 14 in order
