@@ -52,6 +52,90 @@ def same_weights(a: Path, b: Path) -> tuple[bool, str]:
     return worst == 0.0, f"{n} tensors, max |dw| = {worst:.3g}"
 
 
+def same_finetune(a: Path, b: Path) -> tuple[bool, str]:
+    """The reference's predictions and summary table, the same final fine-tuned weights, and ``rvl verify`` clean
+    (``b`` may hold more runs: a new version that added runs before the disk filled)."""
+    names = [f"predictions/{p.name}" for p in sorted((a / "predictions").glob("*.csv"))] + ["summary.csv"]
+    ok, detail = same_files(a, b, names)
+    ckpts = sorted(p.relative_to(a).as_posix() for p in a.glob("runs/*/checkpoints/step_*/model.safetensors"))
+    weights_ok, weights = same_files(a, b, ckpts)
+    problems = [s for _, statuses in verify_path(b) for s in statuses if s.status != "ok"]
+    return ok and weights_ok and bool(ckpts) and not problems, \
+        f"{detail}; weights: {weights}" + (f"; verify: {problems[:2]}" if problems else "")
+
+
+def _demo_view(metrics: Any) -> Any:
+    """metrics.json without what depends on the clock (timings, throughput, reused stages)."""
+    if isinstance(metrics, dict):
+        return {k: _demo_view(v) for k, v in metrics.items()
+                if not any(t in k for t in ("seconds", "runtime", "per_s", "reused"))}
+    return [_demo_view(v) for v in metrics] if isinstance(metrics, list) else metrics
+
+
+def _relative(path: str, *roots: Path) -> str:
+    """``path`` relative to the first of ``roots`` it lies under (a copied demo folder still reads the reference's
+    phantoms, whose absolute paths its records hold)."""
+    for root in roots:
+        if Path(path).is_relative_to(root):
+            return str(Path(path).relative_to(root))
+    return path
+
+
+def _same_cache_rows(a: Path, b: Path, root_a: Path, root_b: Path) -> tuple[bool, str]:
+    """Every row and pixel of two caches equal, image paths compared relative to their demo folders (each demo run
+    writes its phantoms into its own folder), and ``rvl verify`` clean."""
+    from rvl.data.cache_files import load_cache
+
+    problems = [s for _, statuses in verify_path(b) for s in statuses if s.status != "ok"]
+    try:
+        fa, fb = load_cache(a)[0].to_pandas(), load_cache(b)[0].to_pandas()
+    except Exception as err:  # noqa: BLE001 - an unreadable cache is a difference
+        return False, f"unreadable: {err}"
+    for frame in (fa, fb):
+        frame["image_paths"] = [[_relative(p, root_a, root_b) for p in paths] for paths in frame["image_paths"]]
+    same = fa.columns.equals(fb.columns) and all(fa[c].astype(str).equals(fb[c].astype(str)) for c in fa.columns)
+    return same and not problems, f"{len(fa)} rows {'identical' if same else 'DIFFER'}" + \
+        (f", verify: {problems[:2]}" if problems else "")
+
+
+def _same_index(a: Path, b: Path, root_a: Path, root_b: Path) -> tuple[bool, str]:
+    """The same vectors (index.faiss bit-identical) and metadata, image paths relative to the demo folders."""
+    import json
+
+    import pandas as pd
+
+    same_vectors, detail = same_files(a, b, ["index.faiss"])
+    try:
+        ma, mb = pd.read_parquet(a / "metadata.parquet"), pd.read_parquet(b / "metadata.parquet")
+    except (OSError, ValueError) as err:
+        return False, f"unreadable metadata: {err}"
+    for frame in (ma, mb):
+        frame["image_paths"] = [json.dumps([_relative(p, root_a, root_b) for p in json.loads(v)])
+                                for v in frame["image_paths"]]
+    same_meta = ma.equals(mb)
+    return same_vectors and same_meta, f"{detail}; metadata {'identical' if same_meta else 'DIFFERS'}"
+
+
+def same_demo(a: Path, b: Path) -> tuple[bool, str]:
+    """Every stage's artifacts equal: caches, both models' weights, both indexes, the metrics (timings aside)."""
+    import json
+
+    checks = {"cache": _same_cache_rows(a / "cache", b / "cache", a, b),
+              "frontal cache": _same_cache_rows(a / "cache_frontal", b / "cache_frontal", a, b),
+              "multi-view model": same_weights(a / "train_multiview" / "model", b / "train_multiview" / "model"),
+              "frontal model": same_weights(a / "train_frontal" / "model", b / "train_frontal" / "model"),
+              **{f"{kind} index": _same_index(a / f"index_{kind}", b / f"index_{kind}", a, b)
+                 for kind in ("study", "report")}}
+    try:
+        same_metrics = _demo_view(json.loads((a / "metrics.json").read_text())) == \
+            _demo_view(json.loads((b / "metrics.json").read_text()))
+    except (OSError, ValueError):
+        same_metrics = False
+    bad = [k for k, (ok, _) in checks.items() if not ok] + ([] if same_metrics else ["metrics"])
+    return not bad, "caches, models, indexes and metrics identical" if not bad else \
+        "DIFFER: " + "; ".join(f"{k}: {checks[k][1]}" if k in checks else k for k in bad)
+
+
 # -------------------------------------------------------------------------------------------------- readers
 def _read_cache(copy: Path, ref: Path) -> str:
     from rvl.data import StudyDataset
@@ -119,12 +203,35 @@ def _artifact_files(kind: str, root: Path) -> list[str]:
         return sorted(str(p.relative_to(root)) for p in (root / "shards").iterdir())[:4]  # two shards: .arrow+.json
     if kind == "label output":
         return ["labels.csv", "labels.csv.sha256"]
+    if kind == "finetune output":  # its own files (its checkpoints are the "checkpoint" kind)
+        from rvl.finetune.outputs import table_files
+
+        return ["checksums.json", *table_files(root)]
+    if kind == "demo":  # its own files: stage records, manifests, metrics, report (the rest are other kinds)
+        stages = sorted(f"stages/{p.name}" for p in (root / "stages").glob("*.stage.json"))
+        return [*stages, "labelled/manifest.parquet", "labelled_frontal/manifest.parquet", "metrics.json",
+                "report.html"]
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def corrupt_cells(refs: dict[str, Path], paths: dict[str, Path], work: Path, matrix: Any) -> None:
+def command_reader(spec: Any, env: dict) -> Callable[[Path, Path], str]:
+    """A reader that is the command itself run again on the damaged copy (``rvl finetune --resume``, ``rvl demo``):
+    exit 2 is a refusal (its message must name the file), exit 0 must give the reference's artifacts."""
+    def read(copy: Path, ref: Path) -> str:
+        done = subprocess.run(spec.rerun(copy.parent), env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines()
+            raise RuntimeError(f"exit {done.returncode}: " + ("Traceback " if "Traceback" in done.stderr else "") +
+                               (lines[-1] if lines else ""))
+        return "intact" if spec.same(ref.parent, copy.parent)[0] else "used altered data"
+    return read
+
+
+def corrupt_cells(refs: dict[str, Path], paths: dict[str, Path], work: Path, matrix: Any,
+                  commands: dict[str, Any] | None = None, env: dict | None = None) -> None:
     """Each file of each artifact kind x flip / truncate / delete: the reader refuses naming it (or works on intact
-    data), and ``rvl verify`` names it."""
+    data), and ``rvl verify`` names it. ``commands`` (name -> KillSpec) adds the outputs of ``rvl finetune`` and
+    ``rvl demo``, read by running the command again."""
     from rvl.data import prepare
 
     shards_ref = work / "shards-ref"
@@ -133,6 +240,11 @@ def corrupt_cells(refs: dict[str, Path], paths: dict[str, Path], work: Path, mat
              "checkpoint": sorted((refs["pretrain"] / "run" / "checkpoints").glob("step_*"))[-1],
              "model": refs["pretrain"] / "run" / "model", "index": refs["index build"] / "idx",
              "label output": refs["label"]}
+    readers = dict(ARTIFACT_READERS)
+    for name, folder, kind in (("finetune", "FT", "finetune output"), ("demo", "demo", "demo")):
+        if commands and name in commands and name in refs:
+            roots[kind] = refs[name] / folder
+            readers[kind] = command_reader(commands[name], env or {})
     for kind, root in roots.items():
         for rel in _artifact_files(kind, root):
             for fault in FAULTS:
@@ -142,7 +254,7 @@ def corrupt_cells(refs: dict[str, Path], paths: dict[str, Path], work: Path, mat
                 corrupt(copy / rel, fault, seed=len(rel))
                 named = _verify_names(copy if kind != "label output" else copy / "labels.csv", rel)
                 try:
-                    result = ARTIFACT_READERS[kind](copy, root)
+                    result = readers[kind](copy, root)
                     refused = ""
                 except Exception as err:  # noqa: BLE001 - any refusal counts if it names the file
                     result, refused = "refused", f"{type(err).__name__}: {err}"
@@ -175,11 +287,7 @@ def disk_full_cell(spec: Any, ref_out: Path, paths: dict[str, Path], work: Path,
     mount = work / spec.name.replace(" ", "_")
     shutil.rmtree(mount, ignore_errors=True)
     size, largest = _du(ref_out), max(p.stat().st_size for p in ref_out.rglob("*") if p.is_file())
-    argv = spec.argv(mount)
-    if spec.name == "prepare":
-        argv[argv.index("--size") + 1] = "96"  # a new version with bigger images
-    if spec.name == "pretrain":
-        argv = [*spec.rerun(mount), "--max-steps", "12"]  # new checkpoints after the previous ones
+    argv = spec.again(mount) if spec.again else spec.argv(mount)  # a new version of the artifact
     try:
         with small_tmpfs(mount, size_kb=(size + largest // 2) // 1024) as where:  # half a new largest file
             shutil.copytree(ref_out, where, dirs_exist_ok=True)
@@ -194,8 +302,9 @@ def disk_full_cell(spec: Any, ref_out: Path, paths: dict[str, Path], work: Path,
         same, detail = spec.same(ref_out, mount)
     clear = done.returncode == 2 and "out of disk space" in done.stderr and "Traceback" not in done.stderr
     verdict = "survived" if clear and same else ("traceback" if "Traceback" in done.stderr else "lost")
-    matrix.add(spec.name, "disk full", verdict, f"{how}: exit {done.returncode}, "
-               f"{done.stderr.strip().splitlines()[-1][-110:] if done.stderr.strip() else ''}; previous: {detail}")
+    lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or [""]
+    matrix.add(spec.name, "disk full", verdict,
+               f"{how}: exit {done.returncode}, {lines[-1][-110:]}; previous: {detail}")
 
 
 # -------------------------------------------------------------------------------------------------- checksum cost

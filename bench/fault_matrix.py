@@ -16,7 +16,8 @@ Cells (each prints survived / lost / silent / traceback):
 
     .venv/bin/python bench/fault_matrix.py [--quick] [--kills 15] [--cache-gb 1.0] [--work DIR]
 
-``rvl finetune`` is being built on another branch: add its command to ``commands()`` (a ``KillSpec``) when it lands.
+``--commands`` picks rows (default every command: prepare, label, pretrain, index build, finetune, demo); the
+references of the commands a chosen one reads (prepare and pretrain for finetune and index build) always run.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORM
                    "TOKENIZERS_PARALLELISM": "false"})
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fault_cells import (ARTIFACT_READERS, checksum_cost, corrupt_cells, disk_full_cell, same_cache,  # noqa: E402
+from fault_cells import (checksum_cost, corrupt_cells, disk_full_cell, same_cache, same_demo, same_finetune,  # noqa: E402
                          same_files, same_weights)
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -54,6 +55,8 @@ class KillSpec:
     argv: Callable[[Path], list[str]]
     rerun: Callable[[Path], list[str]]
     same: Callable[[Path, Path], tuple[bool, str]]
+    again: Callable[[Path], list[str]] | None = None  # a new version over a finished one (disk-full cell)
+    lock: Callable[[Path], Path] | None = None  # the output lock (two-writers cell)
 
 
 class Matrix:
@@ -129,20 +132,50 @@ def commands(paths: dict[str, Path], ref: Path) -> list[KillSpec]:
                 "--cpu"]
     index = ["index", "build", "--model", str(ref / "pretrain" / "run" / "model"), "--data",
              str(ref / "prepare" / "cache"), "--device", "cpu"]
+    # linear probe + full fine-tuning of the pretrained model, checkpoints every 2 of 8 steps
+    finetune = ["finetune", "--data", str(ref / "prepare" / "cache"), "--init", str(ref / "pretrain" / "run" / "model"),
+                "--mode", "linear", "full", "--label-fraction", "1.0", "--seeds", "0", "--max-steps", "8",
+                "--save-every", "2", "--batch-size", "8", "--linear-steps", "50", "--bootstrap", "20", "--cpu",
+                "--labels", "Cardiomegaly", "Pleural Effusion", "Support Devices"]  # positives in train and test
+    # the whole demo, small: phantoms, label, prepare, two trainings, indexes, evaluation, report
+    demo = ["demo", "--studies", "60", "--max-steps", "4", "--device", "cpu"]
+
+    def with_value(argv: list[str], flag: str, value: str) -> list[str]:
+        argv = list(argv)
+        argv[argv.index(flag) + 1] = value
+        return argv
+
     return [
         KillSpec("prepare", lambda o: [*RVL, *prepare, "--out", str(o / "cache")],
                  lambda o: [*RVL, *prepare, "--out", str(o / "cache")],
-                 lambda a, b: same_cache(a / "cache", b / "cache")),
+                 lambda a, b: same_cache(a / "cache", b / "cache"),
+                 again=lambda o: [*RVL, *with_value(prepare, "--size", "96"), "--out", str(o / "cache")],
+                 lock=lambda o: o / "cache" / ".prepare.lock"),
         KillSpec("label", lambda o: [*RVL, *label, "--output", str(o / "labels.csv")],
                  lambda o: [*RVL, *label, "--output", str(o / "labels.csv")],
-                 lambda a, b: same_files(a, b, ["labels.csv", "labels.csv.sha256"])),
+                 lambda a, b: same_files(a, b, ["labels.csv", "labels.csv.sha256"]),
+                 lock=lambda o: o / ".labels.csv.lock"),
         KillSpec("pretrain", lambda o: [*RVL, *pretrain, "--output-dir", str(o / "run")],
                  lambda o: [*RVL, *pretrain, "--output-dir", str(o / "run"), "--resume"],
-                 lambda a, b: same_weights(a / "run" / "model", b / "run" / "model")),
+                 lambda a, b: same_weights(a / "run" / "model", b / "run" / "model"),
+                 again=lambda o: [*RVL, *with_value(pretrain, "--max-steps", "12"), "--output-dir", str(o / "run"),
+                                  "--resume"],  # new checkpoints after the previous ones
+                 lock=lambda o: o / "run" / ".pretrain.lock"),
         KillSpec("index build", lambda o: [*RVL, *index, "--out", str(o / "idx")],
                  lambda o: [*RVL, *index, "--out", str(o / "idx")],
-                 lambda a, b: same_files(a / "idx", b / "idx", ["index.faiss", "metadata.parquet"])),
-        # rvl finetune: being built on another branch; its KillSpec goes here (first run, --resume, weight equality)
+                 lambda a, b: same_files(a / "idx", b / "idx", ["index.faiss", "metadata.parquet"]),
+                 lock=lambda o: o / ".idx.lock"),
+        KillSpec("finetune", lambda o: [*RVL, *finetune, "--output-dir", str(o / "FT")],
+                 lambda o: [*RVL, *finetune, "--output-dir", str(o / "FT"), "--resume"],
+                 lambda a, b: same_finetune(a / "FT", b / "FT"),
+                 again=lambda o: [*RVL, *with_value(finetune, "--label-fraction", "0.5"), "--output-dir",
+                                  str(o / "FT"), "--resume"],  # two new runs beside the finished ones
+                 lock=lambda o: o / "FT" / ".finetune.lock"),
+        KillSpec("demo", lambda o: [*RVL, *demo, "--output", str(o / "demo")],
+                 lambda o: [*RVL, *demo, "--output", str(o / "demo")],
+                 lambda a, b: same_demo(a / "demo", b / "demo"),
+                 again=lambda o: [*RVL, *with_value(demo, "--max-steps", "5"), "--output", str(o / "demo")],
+                 lock=lambda o: o / "demo" / ".demo.lock"),
     ]
 
 
@@ -247,6 +280,9 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=40, help="phantom studies (default 40)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="subset of: kill corrupt disk-full two-writers bad-inputs checksum-cost")
+    parser.add_argument("--commands", nargs="*", default=None,
+                        help="rows of the kill / disk-full / two-writers cells (default all: prepare label pretrain "
+                        "'index build' finetune demo)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
     args = parser.parse_args()
     kills, cache_gb = (3, 0.2) if args.quick else (args.kills, args.cache_gb)
@@ -258,6 +294,12 @@ def main() -> int:
     paths = setup(work / "data", args.studies)
     ref = work / "ref"
     specs = commands(paths, ref)
+    chosen = set(args.commands or [s.name for s in specs])
+    unknown = chosen - {s.name for s in specs}
+    if unknown:
+        raise SystemExit(f"--commands: unknown {sorted(unknown)}")
+    needed = chosen | {"prepare", "pretrain"}  # what the corruption cells and the later commands read
+    specs = [s for s in specs if s.name in needed | ({"label", "index build"} if "corrupt" in only else set())]
     seconds = {}
     for spec in specs:  # the reference runs, in order: pretrain reads the cache, index build the model
         (ref / spec.name.split()[0]).mkdir(parents=True, exist_ok=True)
@@ -269,23 +311,24 @@ def main() -> int:
         print(f"reference {spec.name}: {seconds[spec.name]:.1f} s")
     matrix = Matrix()
     refs = {s.name: ref / s.name.split()[0] for s in specs}
+    specs = [s for s in specs if s.name in chosen]
     if "kill" in only:
         for spec in specs:
             kill_cells(spec, refs[spec.name], seconds[spec.name], work / "kill", kills, matrix)
     if "corrupt" in only:
-        corrupt_cells(refs, paths, work / "corrupt", matrix)
+        corrupt_cells(refs, paths, work / "corrupt", matrix, {s.name: s for s in specs}, ENV)
     if "disk-full" in only:
         for spec in specs:
             disk_full_cell(spec, refs[spec.name], paths, work / "full", matrix, ENV)
     if "two-writers" in only:
-        locks = {"prepare": lambda o: o / "cache" / ".prepare.lock", "label": lambda o: o / ".labels.csv.lock",
-                 "pretrain": lambda o: o / "run" / ".pretrain.lock", "index build": lambda o: o / ".idx.lock"}
         for spec in specs:
-            two_writer_cell(spec, refs[spec.name], locks[spec.name], work / "two", matrix)
+            two_writer_cell(spec, refs[spec.name], spec.lock, work / "two", matrix)
     if "bad-inputs" in only:
         bad_input_cells(work / "bad", refs["pretrain"] / "run" / "model", matrix)
     print("\n" + matrix.table())
-    print(f"kinds of artifact checked for corruption: {', '.join(sorted(ARTIFACT_READERS))}")
+    kinds = sorted({c[0].removeprefix("artifact: ") for c in matrix.cells if c[0].startswith("artifact: ")})
+    if kinds:
+        print(f"kinds of artifact checked for corruption: {', '.join(kinds)}")
     if "checksum-cost" in only:
         print("\n" + checksum_cost(work / "big", cache_gb))
     print(f"\n{time.perf_counter() - started:.0f} s in all")

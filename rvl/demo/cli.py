@@ -1,7 +1,8 @@
 """``rvl demo``: the whole pipeline end to end on the built-in phantoms, with an evaluation report.
 
-Stages (each leaves a marker ``DIR/stages/<name>.json`` holding the hash of the settings it ran with, so a re-run with
-the same settings reuses it and a changed setting re-runs it and everything after it):
+Stages (each leaves a sealed marker ``DIR/stages/<name>.stage.json`` holding the hash of the settings it ran with, so a
+re-run with the same settings reuses it and a changed setting re-runs it and everything after it; a damaged marker
+re-runs its stage):
 
 1. ``phantoms``  generate phantom studies (patient-level train/validate/test split)
 2. ``label``     label the reports with ``rvl.nlp``; agreement with the phantoms' ground truth
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rvl.fileio import write_json_atomic
+from rvl.integrity import seal, write_sidecar
 
 DEFAULT_STUDIES = 2000
 DEFAULT_MINUTES = 9.0
@@ -64,9 +66,15 @@ def run(args: argparse.Namespace) -> int:
             print("rvl demo: --device cuda asked for but no CUDA device is available", file=sys.stderr)
             return 2
     from rvl.demo.report import summary_table
+    from rvl.fileio import OutputBusyError
+    from rvl.integrity import IntegrityError
 
-    metrics = run_demo(Path(args.output), studies=args.studies, minutes=args.minutes, device=args.device,
-                       seed=args.seed, max_steps=args.max_steps, force=args.force)
+    try:
+        metrics = run_demo(Path(args.output), studies=args.studies, minutes=args.minutes, device=args.device,
+                           seed=args.seed, max_steps=args.max_steps, force=args.force)
+    except (OutputBusyError, IntegrityError) as err:  # a second demo on the folder; an altered artifact
+        print(f"rvl demo: error: {err}", file=sys.stderr)
+        return 2
     print(summary_table(metrics))
     print(f"\nreport: {Path(args.output) / 'report.html'}\nmetrics: {Path(args.output) / 'metrics.json'}")
     from rvl.serve.cli import demo_serve_command
@@ -95,6 +103,7 @@ class StageRunner:
         self.budget_s = budget_s
         self.force = force
         self.start = time.time()
+        self.current = ""  # settings hash of the stage running now (the pretrain stage resumes only its own runs)
         self.chain = ""  # hash of everything upstream: a changed earlier stage invalidates the later ones
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []
@@ -108,34 +117,59 @@ class StageRunner:
         """Run ``fn`` (returning a JSON-able result) unless a marker with the same settings hash exists."""
         digest = settings_hash({"stage": name, "settings": settings, "upstream": self.chain})
         self.chain = digest
-        marker = self.marker_dir / f"{name}.json"
+        self.current = digest
+        marker = self.marker_dir / f"{name}.stage.json"  # not "prepare.json": that names a cache
         number = f"[{STAGES.index(name) + 1}/{len(STAGES)}]"
-        if marker.is_file() and not self.force:
-            saved = json.loads(marker.read_text())
-            if saved.get("hash") == digest:
-                print(f"{number} {name}: reusing the finished stage (settings {digest})", flush=True)
-                self.seconds[name] = 0.0
-                self.reused.append(name)
-                return saved["result"]
+        saved = _read_marker(marker) if marker.is_file() and not self.force else None
+        if saved is not None and saved.get("hash") == digest:
+            print(f"{number} {name}: reusing the finished stage (settings {digest})", flush=True)
+            self.seconds[name] = 0.0
+            self.reused.append(name)
+            return saved["result"]
         marker.unlink(missing_ok=True)
         print(f"\n{number} {name} — {self.eta(name)}", flush=True)
         t0 = time.time()
         result = fn()
         self.seconds[name] = round(time.time() - t0, 1)
-        write_json_atomic(marker, {"hash": digest, "settings": settings, "seconds": self.seconds[name],
-                                   "result": result})
+        # sealed: a damaged marker is never taken for a finished stage (its result would be used as if true)
+        write_json_atomic(marker, seal(json.loads(json.dumps({
+            "hash": digest, "settings": settings, "seconds": self.seconds[name], "result": result}, default=str))))
+        write_sidecar(marker)
         print(f"{number} {name} done in {self.seconds[name]:.0f} s", flush=True)
         return result
+
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """A finished stage's record, or None (the stage runs again) when it is unreadable or its seal does not match."""
+    from rvl.integrity import is_sealed
+
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if is_sealed(record):
+        return record
+    print(f"rvl demo: the stage record {marker} is damaged (or from an older rvl): running that stage again",
+          file=sys.stderr, flush=True)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
 def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float | None = None, device: str = "auto",
              seed: int = 0, max_steps: int | None = None, force: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo in ``output`` and return the metrics written to ``output/metrics.json``."""
+    from rvl.fileio import exclusive_output
+
+    output = Path(output)
+    with exclusive_output(output / ".demo.lock", f"the demo folder {output}"):
+        return _run_demo_locked(output, studies, minutes, device, seed, max_steps, force)
+
+
+def _run_demo_locked(output: Path, studies: int, minutes: float | None, device: str, seed: int,
+                     max_steps: int | None, force: bool) -> dict[str, Any]:
     from rvl.demo import evaluation as ev
     from rvl.demo import stages as st
 
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     device = st.resolve_device(device)
@@ -149,7 +183,8 @@ def run_demo(output: Path, studies: int = DEFAULT_STUDIES, minutes: float | None
     train_settings = {"minutes": minutes, "device": device, "max_steps": max_steps, "recipe": recipe}
     budget_left = minutes * 60.0 - (time.time() - t_start) if minutes else None
     trained = runner.run("pretrain", train_settings,
-                         lambda: st.stage_pretrain(output, prepared, recipe, device, seed, budget_left, max_steps))
+                         lambda: st.stage_pretrain(output, prepared, recipe, device, seed, budget_left, max_steps,
+                                                   run_key=runner.current))
     indexes = runner.run("index", {}, lambda: st.stage_index(output, prepared, trained, device))
     evaluation = runner.run("evaluate", {"recipe": recipe.get("eval", {})},
                             lambda: ev.stage_evaluate(output, phantoms, prepared, trained, indexes, device, recipe))

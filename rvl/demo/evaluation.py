@@ -212,5 +212,9 @@ def stage_report(output: Path, metrics: dict[str, Any], evaluation: dict[str, An
         example = None
     metrics["targets"] = {row["key"]: {"value": row["value"], "goal": f"{row['op']} {row['threshold']}",
                                        "met": row["met"]} for row in check_targets(metrics)}
+    from rvl.integrity import write_sidecar
+
     write_json_atomic(output / "metrics.json", metrics)
     write_html_report(output / "report.html", metrics, figures, example)
+    for name in ("metrics.json", "report.html"):  # rvl verify checks the demo's own files too
+        write_sidecar(output / name)

@@ -153,8 +153,11 @@ def stage_label(output: Path, phantoms: dict[str, Any]) -> dict[str, Any]:
         labelled.loc[learn, label] = predicted[label].to_numpy(dtype=float)[learn]
     all_dir, frontal_dir = output / "labelled", output / "labelled_frontal"
     # absolute image paths: the images live beside these folders, and a manifest path leaving its folder is refused
-    write_manifest(labelled, all_dir)
-    write_manifest(frontal_only(labelled), frontal_dir)
+    from rvl.integrity import write_sidecar
+
+    for folder, frame in ((all_dir, labelled), (frontal_dir, frontal_only(labelled))):
+        for path in write_manifest(frame, folder):
+            write_sidecar(path)  # rvl verify checks them; the prepare stage reads them
     return {"manifest": str(all_dir / "manifest.parquet"), "frontal_manifest": str(frontal_dir / "manifest.parquet"),
             "reports_per_s": len(truth) / max(seconds, 1e-9), **agreement}
 
@@ -163,9 +166,12 @@ def stage_label(output: Path, phantoms: dict[str, Any]) -> dict[str, Any]:
 def stage_prepare(output: Path, labels: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
     from rvl.data import prepare
 
+    from rvl.integrity import check_sidecar
+
     result: dict[str, Any] = {}
     for key, manifest, cache in (("cache", labels["manifest"], output / "cache"),
                                  ("frontal_cache", labels["frontal_manifest"], output / "cache_frontal")):
+        check_sidecar(manifest, rebuild=f"delete {output / 'stages' / 'label.json'} and rerun rvl demo")
         info = prepare(manifest, cache, size=recipe["image_size"])
         result[key] = str(cache)
         result[key + "_info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
@@ -212,12 +218,13 @@ def usable_cpus() -> int:
 
 def pretrain_command(cache: str, out_dir: Path, recipe: dict[str, Any], device: str, seed: int, steps: int,
                      extra: list[str]) -> list[str]:
-    """The ``rvl pretrain`` command line (documented flags; the recipe file supplies the rest)."""
+    """The ``rvl pretrain`` command line (documented flags; the recipe file supplies the rest). Five checkpoints a run:
+    a killed demo resumes its training from the last one."""
     from rvl.cli import COMMANDS
 
     entry = ["rvl", "pretrain"] if "pretrain" in COMMANDS else ["rvl.train"]
     cmd = [sys.executable, "-m", *entry, "--config", recipe["config"], "--data", cache, "--output-dir",
-           str(out_dir), "--max-steps", str(steps), "--seed", str(seed), "--save-every", str(steps),
+           str(out_dir), "--max-steps", str(steps), "--seed", str(seed), "--save-every", str(max(1, steps // 5)),
            "--eval-every", str(steps), *extra]
     return cmd + (["--cpu"] if device == "cpu" else [])
 
@@ -236,8 +243,37 @@ def _steps_done(log: Path) -> int:
     return int(found[-1]) if found else 0
 
 
+def _die_with_parent() -> None:
+    """In a child process (Linux): receive SIGKILL when the demo dies, so a killed demo leaves no training behind."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _training_folder(out_dir: Path, run_key: str) -> list[str]:
+    """Prepare the (hidden, not yet swapped in) folder of one training: ``["--resume"]`` when it holds an interrupted
+    run of these very settings (a killed demo continues where it stopped), else an emptied folder marked with them."""
+    import shutil
+
+    marker = out_dir / "demo_run.json"
+    try:
+        if run_key and json.loads(marker.read_text()).get("key") == run_key:
+            return ["--resume"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a run of other settings (or of an older demo): never resumed into this one
+    out_dir.mkdir(parents=True)
+    marker.write_text(json.dumps({"key": run_key}))
+    return []
+
+
 def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any], device: str, seed: int,
-                   budget_left_s: float | None, max_steps: int | None) -> dict[str, Any]:
+                   budget_left_s: float | None, max_steps: int | None, run_key: str = "") -> dict[str, Any]:
     """Train the multi-view model and the frontal-only ablation on the same budget (steps x batch).
 
     On CPU both run at once, each on half the cores: two single-threaded trainings use two cores better than one
@@ -275,13 +311,14 @@ def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any
     try:
         for group in ([jobs] if parallel else [[job] for job in jobs]):
             for key, cache, extra in group:
-                out_dir = output / f"train_{key}"
-                out_dir.mkdir(parents=True, exist_ok=True)
-                cmd = pretrain_command(cache, out_dir, recipe, device, seed, max_steps, extra)
+                out_dir = output / f".train_{key}.next"  # swapped in when both trainings are done
+                resume = _training_folder(out_dir, run_key)
+                cmd = pretrain_command(cache, out_dir, recipe, device, seed, max_steps, [*extra, *resume])
                 log = out_dir / "train.log"
-                tqdm.write(f"$ {' '.join(cmd)}  > {log}")
-                with open(log, "wb") as sink:  # the child keeps its own copy of the file descriptor
-                    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+                tqdm.write(f"$ {' '.join(cmd)}  >> {log}")
+                with open(log, "ab") as sink:  # the child keeps its own copy of the file descriptor
+                    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
                 running[key] = (proc, log, time.time())
             while any(running[key][0].poll() is None for key, _, _ in group):
                 time.sleep(1.0)
@@ -293,6 +330,11 @@ def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any
                 proc, log, t0 = running[key]
                 if proc.returncode != 0:
                     tail = log.read_text(errors="replace")[-3000:]
+                    if "out of disk space" in tail:
+                        import errno
+
+                        raise OSError(errno.ENOSPC, f"No space left on device while pretraining the {key} model "
+                                      f"(log {log}); the previous models are untouched and the next run resumes")
                     raise RuntimeError(f"pretraining the {key} model failed (exit {proc.returncode}); log {log}:\n"
                                        f"{tail}")
                 result[key] = {"model_dir": str(output / f"train_{key}" / "model"),
@@ -304,6 +346,12 @@ def stage_pretrain(output: Path, prepared: dict[str, Any], recipe: dict[str, Any
         for proc, _, _ in running.values():
             if proc.poll() is None:
                 proc.terminate()
+    from rvl.fileio import replace_dir
+
+    for key in ("multiview", "frontal"):  # both done: the new models replace the previous ones, each in one rename
+        (output / f".train_{key}.next" / "demo_run.json").unlink()
+        replace_dir(output / f".train_{key}.next", output / f"train_{key}")
+        result[key]["log"] = str(output / f"train_{key}" / "train.log")
     for key in ("multiview", "frontal"):
         summary = Path(result[key]["model_dir"]).parent / "train_summary.json"
         if summary.is_file():

@@ -144,11 +144,6 @@ def run_grid(data: str, out_dir: str | Path, inits: Sequence[str], modes: Sequen
              seeds: Sequence[int], settings: FinetuneSettings, resume: bool = False, cam: int = 0,
              n_bootstrap: int = 1000, train_split: str = "train", test_split: str = "test") -> dict[str, Any]:
     """Run every (init, mode, fraction, seed) not finished yet and write the summary files. See the module doc."""
-    from tqdm.auto import tqdm
-
-    from rvl.data import StudyDataset
-    from rvl.finetune.results import write_summary
-
     from accelerate import PartialState
 
     if PartialState().num_processes > 1:  # every rank would score and write the same files

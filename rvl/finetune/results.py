@@ -17,8 +17,8 @@ from rvl.fileio import write_text_atomic
 __all__ = ["score_run", "write_predictions", "collect_results", "write_summary"]
 
 SUMMARY_COLUMNS = ["init", "mode", "augment", "settings", "fraction", "seed", "macro_auc", "macro_ci_low",
-                   "macro_ci_high", "n_patients", "n_studies", "subset_hash", "loss", "pos_weight", "uncertain", "blank",
-                   "views", "steps", "pointing_game", "run"]
+                   "macro_ci_high", "n_patients", "n_studies", "subset_hash", "loss", "pos_weight", "uncertain",
+                   "blank", "views", "steps", "pointing_game", "run"]
 
 
 def score_run(probs: np.ndarray, frame: Any, labels: Sequence[str], n_bootstrap: int = 1000, seed: int = 0) -> dict:
