@@ -336,6 +336,7 @@ def checksum_cost(work: Path, gigabytes: float) -> str:
             part = frame.iloc[start:start + 256].copy()
             part["pixels"] = [[rng.integers(0, 256, size * size, dtype=np.uint8).tobytes() for _ in range(views)]
                               for _ in range(len(part))]
+            part["image_sizes"] = [[[size, size]] * views for _ in range(len(part))]
             writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False), max_chunksize=64)
     files, rows = save_dataset(datasets.Dataset.from_file(str(stream)), work, "synthetic")
     stream.unlink()

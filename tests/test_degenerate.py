@@ -77,3 +77,30 @@ def test_index_build_refuses_skips_or_allows_degenerate_views(setup, capsys):
     assert frame.at[0, "study_id"] not in set(skipped.metadata["study_id"]) and len(skipped) == len(frame) - 1
     assert rvl_main([*build, "--out", str(root / "allowed"), "--degenerate", "allow"]) == 0
     assert len(EmbeddingIndex.load(root / "allowed")) == len(frame)
+
+
+def test_a_tiny_original_is_caught_behind_its_resized_square_in_a_cache(setup, capsys):
+    """A 12 x 12 px original with variation becomes a normal-looking 64 px square in the cache: the cache records
+    each view's original size, so index building from the cache still refuses it (or skips it when asked)."""
+    pytest.importorskip("faiss")
+    from rvl.data import StudyDataset, prepare
+    from rvl.retrieval import EmbeddingIndex
+
+    root, model_dir = setup
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12), dtype=np.uint8)).save(root / "tiny.png")
+    frame = pd.read_parquet(root / "ph" / "manifest.parquet")
+    frame.at[2, "image_paths"] = [str(root / "tiny.png")]
+    frame.at[2, "view_positions"] = ["PA"]
+    frame.to_parquet(root / "ph" / "tiny.parquet")
+    cache = root / "tiny-cache"
+    prepare(root / "ph" / "tiny.parquet", cache, size=64, workers=0, progress=False)
+    square = StudyDataset(cache, train=False)._study_images(2, [0])[0]
+    assert square.std() > 0  # nothing in the square itself shows the original was tiny
+    with pytest.raises(DegenerateImageError, match=r"tiny.png: 12 x 12 px \(original\) is smaller than the 32 px"):
+        StudyDataset(cache, train=False, degenerate="refuse")[2]
+
+    build = ["index", "build", "--model", str(model_dir), "--data", str(cache), "--device", "cpu"]
+    assert rvl_main([*build, "--out", str(root / "tiny-refused")]) == 2
+    assert "tiny.png: 12 x 12 px (original)" in capsys.readouterr().err
+    assert rvl_main([*build, "--out", str(root / "tiny-skipped"), "--degenerate", "skip"]) == 0
+    assert frame.at[2, "study_id"] not in set(EmbeddingIndex.load(root / "tiny-skipped").metadata["study_id"])

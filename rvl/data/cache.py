@@ -144,12 +144,12 @@ def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, stric
         else None
     try:
         results = pool.imap(_prepare_study, tasks, chunksize=4) if pool else map(_prepare_study, tasks)
-        for row, pixels, kept, boxes, failures in results:
+        for row, pixels, kept, boxes, failures, sizes in results:
             if strict and failures:
                 path, reason = failures[0]
                 raise PrepareError(f"{path}: {reason} (study {records[row]['study_id']})")
             k = shard_of_row[row]
-            pending[k][row] = (pixels, kept, boxes, failures)
+            pending[k][row] = (pixels, kept, boxes, failures, sizes)
             bar.update(1)
             if len(pending[k]) == bounds[k][1] - bounds[k][0]:
                 _write_shard(shard_dir, shard_fps[k], frame.iloc[bounds[k][0]:bounds[k][1]], pending.pop(k), schema)

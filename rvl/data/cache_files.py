@@ -76,4 +76,6 @@ def read_cache_frame(cache_dir: str | os.PathLike):
     frame = table.to_pandas()
     for col in ("image_paths", "view_positions"):
         frame[col] = [list(v) for v in frame[col]]
+    if "image_sizes" in frame:  # caches since version 2: each kept view's original [height, width]
+        frame["image_sizes"] = [[(int(h), int(w)) for h, w in v] for v in frame["image_sizes"]]
     return frame

@@ -20,7 +20,7 @@ from rvl.integrity import FAST, fast_digest, is_sealed, seal
 __all__ = ["CACHE_VERSION", "cache_schema", "plan_shards", "prepare_study", "save_dataset", "write_shard",
            "shard_arrow_intact"]
 
-CACHE_VERSION = 1  # bump when the pixel pipeline changes: invalidates every shard fingerprint
+CACHE_VERSION = 2  # bump when the pixel pipeline changes: invalidates every shard fingerprint (2: image_sizes)
 
 
 def plan_shards(frame, size: int, shard_studies: int) -> tuple[list[dict[str, Any]], list[tuple[int, int]], list[str],
@@ -34,11 +34,13 @@ def plan_shards(frame, size: int, shard_studies: int) -> tuple[list[dict[str, An
 
 
 def cache_schema(frame):
-    """Arrow schema of the cache rows: the manifest columns plus ``pixels``."""
+    """Arrow schema of the cache rows: the manifest columns plus ``pixels`` and ``image_sizes`` (each kept view's
+    original [height, width]: a resized square no longer shows that its original was a few pixels wide)."""
     import pyarrow as pa
 
-    return pa.Schema.from_pandas(frame, preserve_index=False).remove_metadata().append(
-        pa.field("pixels", pa.list_(pa.binary())))
+    return pa.Schema.from_pandas(frame.drop(columns=["image_sizes"], errors="ignore"), preserve_index=False) \
+        .remove_metadata().append(pa.field("pixels", pa.list_(pa.binary()))) \
+        .append(pa.field("image_sizes", pa.list_(pa.list_(pa.int32()))))
 
 
 def study_fingerprint(record: dict[str, Any], size: int) -> str:
@@ -73,7 +75,8 @@ def jsonable(record: dict[str, Any]) -> dict[str, Any]:
 
 def prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[bytes], list[int], str,
                                                                    list[tuple[str, str]]]:
-    """Read, resize and pad one study's images. Returns (row, pixels, kept image indices, boxes JSON, failures)."""
+    """Read, resize and pad one study's images. Returns (row, pixels, kept image indices, boxes JSON, failures,
+    original [height, width] of each kept image)."""
     from rvl.data.io import ImageReadError, box_to_square, read_image, to_square_uint8
 
     row, paths, boxes_json, size = task
@@ -81,7 +84,7 @@ def prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[byte
         boxes = json.loads(boxes_json) if boxes_json else []
     except json.JSONDecodeError:
         boxes = []
-    pixels, kept, new_boxes, failures = [], [], [], []
+    pixels, kept, new_boxes, failures, sizes = [], [], [], [], []
     for i, path in enumerate(paths):
         try:
             image = read_image(path)
@@ -94,10 +97,11 @@ def prepare_study(task: tuple[int, list[str], str, int]) -> tuple[int, list[byte
         height, width = image.shape
         pixels.append(to_square_uint8(image, size).tobytes())
         kept.append(i)
+        sizes.append([int(height), int(width)])
         image_boxes = boxes[i] if i < len(boxes) and isinstance(boxes[i], list) else []
         new_boxes.append([{**b, "box": box_to_square(b["box"], height, width, size)}
                           if isinstance(b, dict) and b.get("box") is not None else b for b in image_boxes])
-    return row, pixels, kept, json.dumps(new_boxes), failures
+    return row, pixels, kept, json.dumps(new_boxes), failures, sizes
 
 
 
@@ -109,6 +113,7 @@ def write_shard(shard_dir: Path, fingerprint: str, rows, results: dict[int, tupl
     rows = rows.copy()
     order = list(rows.index)
     rows["pixels"] = [results[r][0] for r in order]
+    rows["image_sizes"] = [results[r][4] for r in order]
     keep_images = [results[r][1] for r in order]
     rows["image_paths"] = [[paths[i] for i in kept] for paths, kept in zip(rows["image_paths"], keep_images)]
     rows["view_positions"] = [[views[i] for i in kept] for views, kept in zip(rows["view_positions"], keep_images)]

@@ -64,7 +64,8 @@ class StudyDataset(torch.utils.data.Dataset):
         degenerate: views that cannot be a radiograph (smaller than ``min_side`` px, or every pixel equal):
             ``"allow"`` uses them (training default), ``"refuse"`` raises ``DegenerateImageError`` naming the file,
             ``"skip"`` drops the view (counted in ``skipped_degenerate`` and logged) like an unreadable one. A cache
-            holds resized squares, so there only flat content is detected (a tiny image with variation passes).
+            holds resized squares: its recorded original sizes are checked (caches of version 1 lack them, so there
+            only flat content is detected).
         min_side: smallest accepted side for ``degenerate`` (manifest sources: the original image size).
     """
 
@@ -107,6 +108,9 @@ class StudyDataset(torch.utils.data.Dataset):
         # plain lists: a pandas row lookup per item would cost more than reading the pixels
         self._views = [list(v) for v in frame["view_positions"]]
         self._paths = [list(p) for p in frame["image_paths"]]
+        # a cache's original image sizes (version 2 on): a tiny original is caught behind its resized square
+        self._original_sizes = [[(int(h), int(w)) for h, w in v] for v in frame["image_sizes"]] \
+            if "image_sizes" in frame else None
         self._text = list(zip(frame["report"].astype(str), frame["study_id"].astype(str),
                               frame["patient_id"].astype(str)))
         self._pixels = None  # pyarrow column of the cache, opened lazily (and again in each DataLoader worker)
@@ -141,7 +145,9 @@ class StudyDataset(torch.utils.data.Dataset):
         if self.is_cache:
             views = self._cache_column()[int(self._rows[i])].values
             squares = [np.frombuffer(views[j].as_buffer(), np.uint8).reshape(self.size, self.size) for j in chosen]
-            return [a if self._usable(_content(a), self._paths[i][j], 0) else None for j, a in zip(chosen, squares)]
+            sizes = self._original_sizes[i] if self._original_sizes is not None else [None] * len(squares)
+            return [a if self._usable(_content(a), self._paths[i][j], 0 if sizes[j] is None else self.min_side,
+                                      sizes[j]) else None for j, a in zip(chosen, squares)]
         from rvl.data.io import DegenerateImageError, ImageReadError, read_image, to_square_uint8
 
         out = []
@@ -158,14 +164,14 @@ class StudyDataset(torch.utils.data.Dataset):
                 out.append(None)
         return out
 
-    def _usable(self, image: np.ndarray, path: str, min_side: int) -> bool:
+    def _usable(self, image: np.ndarray, path: str, min_side: int, original: tuple[int, int] | None = None) -> bool:
         """Apply the ``degenerate`` policy to one view: True to use it, False to skip it (or raise)."""
         if self.degenerate == "allow":
             return True
         from rvl.data.io import DegenerateImageError, check_not_degenerate
 
         try:
-            check_not_degenerate(image, path, min_side)
+            check_not_degenerate(image, path, min_side, original_shape=original)
         except DegenerateImageError as e:
             if self.degenerate == "refuse":
                 raise

@@ -46,7 +46,7 @@ class DegenerateImageError(ImageReadError):
 
 
 def check_not_degenerate(image: np.ndarray, path: str | os.PathLike, min_side: int = MIN_IMAGE_SIDE,
-                         override: str = "") -> None:
+                         override: str = "", original_shape: tuple[int, int] | None = None) -> None:
     """Raise :class:`DegenerateImageError` for an image too small to score or with every pixel equal.
 
     Args:
@@ -54,11 +54,13 @@ def check_not_degenerate(image: np.ndarray, path: str | os.PathLike, min_side: i
         path: named in the message.
         min_side: smallest accepted height and width.
         override: how the caller lets such images through (appended to the message, e.g. "pass --allow-degenerate").
+        original_shape: (height, width) of the original when ``image`` is a resized copy (a prepared cache).
     """
-    height, width = image.shape[:2]
+    height, width = original_shape or image.shape[:2]
     hint = f"; {override}" if override else ""
     if min(height, width) < min_side:
-        raise DegenerateImageError(path, f"{width} x {height} px is smaller than the {min_side} px minimum for "
+        raise DegenerateImageError(path, f"{width} x {height} px{' (original)' if original_shape else ''} is smaller "
+                                         f"than the {min_side} px minimum for "
                                          f"zero-shot / indexing{hint}")
     if image.size and float(image.max()) == float(image.min()):
         raise DegenerateImageError(path, f"every pixel has the same value ({float(image.flat[0]):.3g}): no image "
