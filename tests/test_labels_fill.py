@@ -76,3 +76,35 @@ def test_manifest_labels_are_never_overwritten_and_modes(tmp_path):
     assert np.isnan(blank[CHEXPERT_LABELS].to_numpy(float)).all()
     with pytest.raises(ValueError, match="--labels must be one of"):
         fill_labels(frame, "guess")
+
+
+def test_a_rerun_reads_no_report_again_and_a_damaged_memo_is_not_used(iu_folder, tmp_path, caplog):
+    """The label memo: a second ``rvl prepare`` labels nothing (same labels), a grown archive labels only its new
+    reports, and a memo that fails its checksum is ignored (every report labelled again, same labels)."""
+    import logging
+
+    from rvl.data import prepare, read_manifest
+    from rvl.data.labels import MEMO_NAME
+    from rvl.faults import flip_bytes
+
+    first = prepare(iu_folder, tmp_path / "cache", size=64, workers=0, progress=False)
+    distinct = first["labels"]["reports_read_by_labeler"]
+    assert 0 < distinct <= first["n_studies"] and (tmp_path / "cache" / MEMO_NAME).is_file()
+    labels = read_manifest(tmp_path / "cache")[CHEXPERT_LABELS].to_numpy(float)
+    again = prepare(iu_folder, tmp_path / "cache", size=64, workers=0, progress=False)
+    assert again["labels"]["reports_read_by_labeler"] == 0 and again["up_to_date"]
+    assert np.array_equal(read_manifest(tmp_path / "cache")[CHEXPERT_LABELS].to_numpy(float), labels, equal_nan=True)
+
+    frame = read_manifest(iu_folder)
+    grown = frame.copy()
+    grown.loc[0, "report"] = "FINDINGS: Large right pleural effusion. IMPRESSION: Right effusion."
+    grown_run = prepare(grown, tmp_path / "cache", size=64, workers=0, progress=False)
+    assert grown_run["labels"]["reports_read_by_labeler"] == 1
+    assert read_manifest(tmp_path / "cache").loc[0, "Pleural Effusion"] == 1
+
+    flip_bytes(tmp_path / "cache" / MEMO_NAME, seed=1)
+    with caplog.at_level(logging.WARNING, logger="rvl.data.labels"):
+        damaged = prepare(iu_folder, tmp_path / "cache", size=64, workers=0, progress=False)
+    assert "label memo unusable" in caplog.text and MEMO_NAME in caplog.text
+    assert damaged["labels"]["reports_read_by_labeler"] == distinct
+    assert np.array_equal(read_manifest(tmp_path / "cache")[CHEXPERT_LABELS].to_numpy(float), labels, equal_nan=True)

@@ -92,10 +92,9 @@ def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, stric
              reader_kwargs: dict[str, Any], labels: str = "auto") -> dict[str, Any]:
     """:func:`prepare` under the output lock."""
     import pandas as pd
-    import pyarrow as pa
     from tqdm.auto import tqdm
 
-    from rvl.data.labels import fill_labels
+    from rvl.data.labels import MEMO_NAME, fill_labels
     from rvl.data.manifest import read_manifest
 
     start = time.perf_counter()
@@ -103,7 +102,8 @@ def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, stric
         raise PrepareError(f"size must be >= 8, got {size}")
     frame = manifest.reset_index(drop=True) if isinstance(manifest, pd.DataFrame) else \
         read_manifest(manifest, format=format, **reader_kwargs)
-    frame, label_summary = fill_labels(frame, labels, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame, label_summary = fill_labels(frame, labels, progress=progress, memo=out_dir / MEMO_NAME)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob(".*.tmp-*"), *shard_dir.glob(".*.tmp-*")]:  # left by a killed run (we hold the lock)
@@ -118,7 +118,9 @@ def _prepare(manifest: Any, out_dir: Path, size: int, workers: int | None, stric
                 with open(out_dir / "skipped.csv", newline="") as f:
                     first = next(csv.DictReader(f))
                 raise PrepareError(f"{first['path']}: {first['reason']} (study {first['study_id']})")
-            info.update(up_to_date=True, seconds=round(time.perf_counter() - start, 2))
+            info.update(up_to_date=True, seconds=round(time.perf_counter() - start, 2),  # this run's labeler work
+                        labels={**info.get("labels", {}),
+                                "reports_read_by_labeler": label_summary["reports_read_by_labeler"]})
             return info
 
     schema = cache_schema(frame)

@@ -50,7 +50,7 @@ def _repair(manifest: Any, out_dir: Path, error: type[Exception], format: str, p
     import datasets
     from tqdm.auto import tqdm
 
-    from rvl.data.labels import fill_labels
+    from rvl.data.labels import MEMO_NAME, fill_labels
     from rvl.data.manifest import read_manifest
 
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def _repair(manifest: Any, out_dir: Path, error: type[Exception], format: str, p
         raise error(f"{out_dir / 'skipped.csv'} is damaged and lists failures that cannot be re-derived alone; {full}")
     frame = read_manifest(manifest, format=format, **reader_kwargs)
     # the labels the cache was prepared with (rvl.nlp fills studies without labels): the same rows, the same shards
-    frame, _ = fill_labels(frame, info.get("labels", {}).get("mode", "keep"))
+    frame, _ = fill_labels(frame, info.get("labels", {}).get("mode", "keep"), memo=out_dir / MEMO_NAME)
     size = int(info["size"])
     records, bounds, shard_fps, fingerprint = plan_shards(frame, size, int(info.get("shard_studies", 256)))
     if fingerprint != info["fingerprint"]:
