@@ -442,3 +442,32 @@ def test_browser_upload_finding_heatmap_similar_search(browser_missing, archive,
     assert "GET /api/health 200" in log or "POST /api/zeroshot 200" in log
     leaked = [p for p in frame["patient_id"] if p in log] + [r[:40] for r in frame["report"] if r[:40] in log]
     assert not leaked and token not in log, f"patient ids / report text / token in the server log: {leaked[:3]}"
+
+
+def test_study_ids_with_slashes_work_through_every_route(archive, tmp_path):
+    """MIMIC-style ids ("p10/p100/s5") reach the record, image, zero-shot and similar routes."""
+    from rvl.retrieval.cli import build_index_from_data
+    from rvl.retrieval.embed import load_model, model_fingerprint
+    from rvl.serve.app import create_app
+    from rvl.serve.service import StudyService
+
+    frame = archive["frame"].iloc[:6].copy()
+    frame["study_id"] = [f"p1{i}/p1000{i}/s{i}" for i in range(len(frame))]
+    manifest = tmp_path / "slashes.parquet"
+    frame.to_parquet(manifest)
+    model = load_model(archive["model"], "cpu")
+    for kind in ("study", "report"):
+        build_index_from_data(model, str(manifest), kind, model_dir=str(archive["model"]), device="cpu",
+                              fingerprint=model_fingerprint(archive["model"])).save(tmp_path / kind)
+    client = TestClient(create_app(StudyService.load(archive["model"], tmp_path / "study", tmp_path / "report", "cpu")))
+    sid = frame.iloc[2]["study_id"]
+    record = client.get(f"/api/study/{sid.replace('/', '%2F')}")
+    assert record.status_code == 200, record.text
+    assert record.json()["study_id"] == sid and record.json()["report"] == frame.iloc[2]["report"]
+    image = client.get(record.json()["study"]["views"][0]["image"], params={"size": 64})
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert client.get(f"/api/study/{sid.replace('/', '%2F')}/image/9").status_code == 404
+    similar = client.post("/api/similar", data={"study_id": sid, "k": 3}).json()
+    hit = similar["results"][0]
+    assert "/" in hit["study_id"] and client.get(hit["thumbnail"], params={"size": 64}).status_code == 200
+    assert client.post("/api/zeroshot", data={"study_id": sid}).json()["study"]["study_id"] == sid

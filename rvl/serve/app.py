@@ -172,16 +172,19 @@ def create_app(service: StudyService, token: str | None = None) -> FastAPI:
     def search(request: Request, query: schemas.SearchRequest) -> dict[str, Any]:
         return _service(request).search_text(query.text, query.k, query.date_from, query.date_to, query.patient_id)
 
-    @api.get("/study/{study_id}", response_model=schemas.StudyRecord, summary="an archive study: report, labels")
-    def study_record(request: Request, study_id: str) -> dict[str, Any]:
-        return _service(request).study_record(study_id)
-
+    # study ids may hold "/" (MIMIC-style "p10/p10000032/s5041", ids from folder paths): the client sends it as %2F,
+    # which the server decodes before routing, so the id is a path parameter; the image route is declared first
     png = {"response_class": Response, "responses": {200: {"content": {"image/png": {}}, "description": "PNG"}}}
     size_query = Query(1024, ge=32, le=2048, description="long side in pixels")
 
-    @api.get("/study/{study_id}/image/{view}", summary="a view of an archive study (from the index metadata)", **png)
+    @api.get("/study/{study_id:path}/image/{view}", summary="a view of an archive study (from the index metadata)",
+             **png)
     def study_image(request: Request, study_id: str, view: int, size: int = size_query) -> Response:
         return _view_png(_service(request), _service(request).archive_study(study_id), view, size)
+
+    @api.get("/study/{study_id:path}", response_model=schemas.StudyRecord, summary="an archive study: report, labels")
+    def study_record(request: Request, study_id: str) -> dict[str, Any]:
+        return _service(request).study_record(study_id)
 
     @api.get("/upload/{upload_id}/image/{view}", summary="a view of an uploaded (cached) study", **png)
     def upload_image(request: Request, upload_id: str, view: int, size: int = size_query) -> Response:
