@@ -6,7 +6,9 @@ Recipes (overlays on ``rvl/configs/demo-scratch.yaml``):
 * ``full``     all-MiniLM-L6-v2 fine-tuned whole, at its own lr (``--pretrained-lr 2e-5``);
 * ``partial``  MiniLM locked except its last 2 layers (``--pretrained-lr 1e-4``);
 * ``locked``   MiniLM locked, pooled features computed once per report (``--cache-text-features``): the demo recipe;
-* ``locked-mlp`` / ``locked-labelhead``  the locked recipe with an MLP projection / with the label head on.
+* ``locked-mlp`` / ``locked-labelhead``  the locked recipe with an MLP projection / with the label head on;
+* ``locked-mlp-sentences``  locked-mlp where 30 % of the training texts are one sentence of the report
+  (``data.sentence_sampling``, labelled per sentence by ``rvl.nlp``).
 
 Usage (needs rvl[pretrained]; the cache of a demo run, e.g. ``rvl demo --output D --max-steps 1`` then ``D/cache``)::
 
@@ -40,6 +42,8 @@ RECIPES = {
     "locked-mlp": {"model": {**MINILM, "lock_text": True, "cache_text_features": True, "name": "MLP"}},
     "locked-labelhead": {"model": {**MINILM, "lock_text": True, "cache_text_features": True},
                          "objectives": {"label_head_weight": 0.5}},
+    "locked-mlp-sentences": {"model": {**MINILM, "lock_text": True, "cache_text_features": True, "name": "MLP"},
+                             "data": {"sentence_sampling": 0.3}},
 }
 
 

@@ -5,8 +5,8 @@ contrastive targets, the label head, validation AUC and kNN voting have nothing 
 :func:`fill_labels`, which never overwrites a label the manifest gives and records where each row's labels came from
 (``label_source``: ``manifest``, ``rvl.nlp@VERSION`` or empty).
 
-Labelling is the slow part of re-running ``rvl prepare`` on a large archive (the labeler reads ~50-100 reports/s per
-core), so the labels of each distinct report text are kept in a memo beside the cache (``DIR/label_memo.parquet``,
+Labelling is a fixed cost of every re-run of ``rvl prepare`` (the labeler reads ~1,500 phantom reports/s on 2 CPU
+cores: minutes for a large archive), so the labels of each distinct report text are kept in a memo beside the cache (``DIR/label_memo.parquet``,
 keyed by the text's sha256, with a checksum sidecar and the labeler version): a re-run, or a run on a grown archive,
 labels only the reports it has not seen. The labeler is deterministic, so the labels are those of a full run.
 """
