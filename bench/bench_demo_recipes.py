@@ -8,7 +8,8 @@ Recipes (overlays on ``rvl/configs/demo-scratch.yaml``):
 * ``locked``   MiniLM locked, pooled features computed once per report (``--cache-text-features``): the demo recipe;
 * ``locked-mlp`` / ``locked-labelhead``  the locked recipe with an MLP projection / with the label head on;
 * ``locked-mlp-sentences``  locked-mlp where 30 % of the training texts are one sentence of the report
-  (``data.sentence_sampling``, labelled per sentence by ``rvl.nlp``).
+  (``data.sentence_sampling``, labelled per sentence by ``rvl.nlp``);
+* ``locked-mlp-bag``  locked-mlp with ``text_pooling: sentences``: a text is the mean of its projected sentences.
 
 Usage (needs rvl[pretrained]; the cache of a demo run, e.g. ``rvl demo --output D --max-steps 1`` then ``D/cache``)::
 
@@ -44,6 +45,8 @@ RECIPES = {
                          "objectives": {"label_head_weight": 0.5}},
     "locked-mlp-sentences": {"model": {**MINILM, "lock_text": True, "cache_text_features": True, "name": "MLP"},
                              "data": {"sentence_sampling": 0.3}},
+    "locked-mlp-bag": {"model": {**MINILM, "lock_text": True, "cache_text_features": True, "name": "MLP",
+                                 "text_pooling": "sentences"}},
 }
 
 

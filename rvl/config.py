@@ -41,6 +41,7 @@ class ModelConfig:
     lock_text_freeze_layer_norm: bool = True
     cache_text_features: bool = False   # locked HF text tower: run it once per distinct report, train the projection
     caption_vocab: str = "full"         # full | train (the caption decoder predicts only the training reports' tokens)
+    text_pooling: str | None = None     # report | sentences: a text's embedding is the mean of its projected sentences
     fusion: str | None = None           # override rvl_cfg.fusion: attention | mean
     grad_checkpointing: bool = False
     compile: bool = False               # torch.compile the model

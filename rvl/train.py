@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         print(f"rvl pretrain: {err}", file=sys.stderr)
         return 2
+    if cfg.model.text_pooling not in (None, "report", "sentences"):
+        print(f"rvl pretrain: --text-pooling must be report or sentences, got {cfg.model.text_pooling!r}",
+              file=sys.stderr)
+        return 2
     if cfg.model.caption_vocab not in ("full", "train"):
         print(f"rvl pretrain: --caption-vocab must be full or train, got {cfg.model.caption_vocab!r}", file=sys.stderr)
         return 2
@@ -154,6 +158,8 @@ def train(cfg: Config) -> int:
     lock_towers(model, cfg.model.lock_image, cfg.model.lock_image_unlocked_groups,
                 cfg.model.lock_image_freeze_bn_stats, cfg.model.lock_text, cfg.model.lock_text_unlocked_layers,
                 cfg.model.lock_text_freeze_layer_norm)
+    if cfg.model.text_pooling:  # recorded in rvl_cfg: the export embeds texts the same way
+        model.rvl_cfg = {**model.rvl_cfg, "text_pooling": cfg.model.text_pooling}
     if cfg.model.caption_vocab == "train" and cfg.objectives.caption_weight > 0:
         size = model.restrict_caption_vocab(list(train_set.frame["report"].astype(str)))
         logger.info(f"caption decoder vocabulary: the {size - 1} token ids of the training reports + 1 for others")

@@ -105,3 +105,31 @@ def test_text_feature_cache_refuses_a_trainable_text_tower(tmp_path):
     model, _ = build_from_init("rvl-tiny", text_tower=str(tiny_bert(tmp_path / "bert")))
     with pytest.raises(ValueError, match="fully locked"):
         model.enable_text_feature_cache()
+
+
+def test_sentence_pooling_is_the_mean_of_projected_sentences_and_survives_export(phantoms, tmp_path):
+    """``--text-pooling sentences``: a report's embedding is the mean of its sentences' projected embeddings (cached or
+    not), a one-sentence prompt is its own sentence, and the export embeds texts the same way."""
+    from public_models import tiny_bert
+    from rvl.model import from_pretrained
+
+    out = tmp_path / "run"
+    code = rvl_main(["pretrain", "--data", str(phantoms), "--output-dir", str(out), "--model", "rvl-tiny",
+                     "--text-tower", str(tiny_bert(tmp_path / "bert")), "--lock-text", "--cache-text-features",
+                     "--text-pooling", "sentences", "--max-steps", "2", "--batch-size", "8", "--eval-every", "2",
+                     "--log-with", "none", "--cpu"])
+    assert code == 0
+    model = from_pretrained(out / "model").eval()
+    assert model.rvl_cfg["text_pooling"] == "sentences"
+    report, parts = "No pneumothorax. Mild cardiomegaly. Left effusion.", [
+        "No pneumothorax.", "Mild cardiomegaly.", "Left effusion."]
+    with torch.no_grad():
+        whole = model.encode_text(model.tokenize_reports([report]), normalize=False)[0]
+        pieces = model.encode_text(model.tokenize_reports(parts), normalize=False)
+        model.clip.text.lock(0)
+        model.enable_text_feature_cache()
+        cached = model.encode_text(model.tokenize_reports([report]), normalize=False)[0]
+    assert torch.allclose(whole, pieces.mean(0), atol=1e-5) and torch.allclose(whole, cached, atol=1e-5)
+    assert len(model._text_cache) == 3  # the tower ran once per sentence, not once per report
+    assert rvl_main(["pretrain", "--data", str(phantoms), "--output-dir", str(tmp_path / "bad"), "--model",
+                     "rvl-tiny", "--text-pooling", "words", "--max-steps", "1", "--cpu"]) == 2

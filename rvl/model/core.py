@@ -168,10 +168,57 @@ class RVLModel(nn.Module):
     # ---------------------------------------------------------------- text side
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """tokens [B, L] (from ``self.tokenizer``) -> [B, D]."""
-        if self._text_cache is None:
+        if self.rvl_cfg.get("text_pooling", "report") == "sentences":
+            features = self._sentence_bag(tokens)
+        elif self._text_cache is None:
             return self.clip.encode_text(tokens, normalize=normalize)
-        features = self.clip.text.proj(self._pooled_text(tokens))
+        else:
+            features = self.clip.text.proj(self._pooled_text(tokens))
         return F.normalize(features, dim=-1) if normalize else features
+
+    def _sentence_bag(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``text_pooling: sentences``: each sentence of a text through the HF tower and the projection on its own,
+        then the mean over the text's sentences.
+
+        Why: mean-pooled over a whole report, a sentence encoder blurs a dozen statements (most of them negations)
+        into one vector, and "no pleural effusion" lands next to "pleural effusion". Projected one by one, a negated
+        sentence and a finding's sentence can go to different places, and a report becomes the sum of what its
+        sentences state; a one-sentence prompt is one term of that sum. Sentences are cut at the tokenizer's "."
+        and ";" tokens, so the tokens (and the caption decoder's targets) stay those of the whole report.
+        """
+        text = self.clip.text
+        if not hasattr(text, "transformer"):
+            raise ValueError("text_pooling: sentences needs a Hugging Face text tower (text_cfg.hf_model_name)")
+        hf = self.tokenizer.tokenizer
+        cls_id, sep_id, pad_id = hf.cls_token_id, hf.sep_token_id, hf.pad_token_id
+        ends = {i for i in hf.convert_tokens_to_ids([".", ";"]) if i is not None and i != hf.unk_token_id}
+        length = tokens.shape[1]
+        rows: list[list[int]] = []
+        owner: list[int] = []
+        for b, row in enumerate(tokens.detach().cpu().tolist()):
+            body = [t for t in row if t not in (cls_id, sep_id, pad_id)]
+            sentences, current = [], []
+            for t in body:
+                current.append(t)
+                if t in ends:
+                    sentences.append(current)
+                    current = []
+            sentences = [s for s in [*sentences, current] if any(t not in ends for t in s)] or [[]]
+            for sentence in sentences:
+                ids = [cls_id, *sentence[:length - 2], sep_id]
+                rows.append(ids + [pad_id] * (length - len(ids)))
+                owner.append(b)
+        rows_t = torch.tensor(rows, dtype=tokens.dtype, device=tokens.device)
+        if self._text_cache is not None:
+            pooled = self._pooled_text(rows_t)
+        else:
+            mask = (rows_t != pad_id).long()
+            pooled = text.pooler(text.transformer(input_ids=rows_t, attention_mask=mask), mask)
+        projected = text.proj(pooled)
+        index = torch.tensor(owner, device=projected.device)
+        summed = projected.new_zeros(tokens.shape[0], projected.shape[1]).index_add_(0, index, projected)
+        counts = torch.bincount(index, minlength=tokens.shape[0]).clamp(min=1).to(projected.dtype)
+        return summed / counts.unsqueeze(1)
 
     def enable_text_feature_cache(self) -> None:
         """Compute a locked HF text tower once per distinct text and keep its pooled output (only the projection
