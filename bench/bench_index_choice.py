@@ -50,18 +50,23 @@ def hard_vectors(n: int, dim: int, seed: int, n_clusters: int = 1000) -> np.ndar
     return normalize_rows(out)
 
 
-def real_vectors(n_studies: int, work: Path) -> np.ndarray:
-    """Study embeddings of an untrained rvl-demo model on ``n_studies`` 128 px phantom studies (cached)."""
-    cache = work / f"rvl-demo-untrained-{n_studies}.npy"
+def real_vectors(n_studies: int, work: Path, model_dir: str | None = None) -> np.ndarray:
+    """Study embeddings of ``n_studies`` 128 px phantom studies (cached): by a trained rvl model (``model_dir``, an
+    export such as a demo run's ``train_multiview/model``) or by an untrained rvl-demo."""
+    import hashlib
+
+    tag = f"model-{hashlib.sha1(str(Path(model_dir).resolve()).encode()).hexdigest()[:8]}" if model_dir else \
+        "rvl-demo-untrained"
+    cache = work / f"{tag}-{n_studies}.npy"
     if cache.exists():
         return np.load(cache)
     from rvl.data import StudyDataset
     from rvl.model import create_model
     from rvl.phantoms import generate_phantoms
-    from rvl.retrieval.embed import embed_dataset
+    from rvl.retrieval.embed import embed_dataset, load_model
 
     manifest = generate_phantoms(work / f"phantoms-{n_studies}", n_studies, size=128, seed=0, workers=2)
-    model = create_model("rvl-demo").eval()
+    model = load_model(model_dir, "cpu") if model_dir else create_model("rvl-demo").eval()
     dataset = StudyDataset(str(manifest), max_views=2, image_transform=model.preprocess, train=False)
     vectors = embed_dataset(model, dataset, batch_size=64, reports=False, num_workers=1)["study"]
     np.save(cache, vectors)
@@ -132,6 +137,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=1000, help="new queries per shape (not in the database)")
     parser.add_argument("--real-studies", type=int, default=10_000, help="phantom studies embedded (0: skip)")
+    parser.add_argument("--real-model", default=None, help="trained rvl model folder for the real shape (e.g. a demo "
+                        "run's train_multiview/model); default an untrained rvl-demo")
     parser.add_argument("--shapes", nargs="*", default=["easy", "hard", "real"], help="easy hard real (none: only "
                         "--million)")
     parser.add_argument("--million", action="store_true", help="also 1M x 256 hard, <= 300 bytes/vector")
@@ -148,9 +155,10 @@ def main() -> None:
     if "hard" in args.shapes:
         run_shape("hard (centres + 1.5x noise)", hard_vectors(n_all, args.dim, 0), args.queries, args.budget, None)
     if "real" in args.shapes and args.real_studies:
-        data = real_vectors(args.real_studies, work)
+        data = real_vectors(args.real_studies, work, args.real_model)
         data = data[np.random.default_rng(0).permutation(len(data))]
-        run_shape(f"real: untrained rvl-demo study embeddings of {len(data):,} phantom studies", data,
+        who = f"{args.real_model}" if args.real_model else "untrained rvl-demo"
+        run_shape(f"real: {who} study embeddings of {len(data):,} phantom studies", data,
                   min(args.queries, len(data) // 10), args.budget, None)
     if args.million:
         run_shape("1M hard, <= 300 bytes/vector", hard_vectors(1_000_000 + args.queries, args.dim, 1),

@@ -213,6 +213,8 @@ class RVLModel(nn.Module):
             pooled = self._pooled_text(rows_t)
         else:
             mask = (rows_t != pad_id).long()
+            width = max(1, int(mask.sum(1).max()))  # sentences are short: run only up to the longest
+            rows_t, mask = rows_t[:, :width], mask[:, :width]
             pooled = text.pooler(text.transformer(input_ids=rows_t, attention_mask=mask), mask)
         projected = text.proj(pooled)
         index = torch.tensor(owner, device=projected.device)
@@ -242,6 +244,8 @@ class RVLModel(nn.Module):
             text.eval()
             try:
                 mask = (rows != text.config.pad_token_id).long()
+                width = max(1, int(mask.sum(1).max()))  # padding is masked out: run only up to the longest text
+                rows, mask = rows[:, :width], mask[:, :width]
                 pooled = text.pooler(text.transformer(input_ids=rows, attention_mask=mask), mask).float().cpu()
             finally:
                 text.train(was_training)
