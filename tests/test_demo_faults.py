@@ -120,3 +120,16 @@ def test_training_of_other_settings_is_never_resumed(tmp_path):
     (folder / "checkpoints").mkdir()
     assert _training_folder(folder, "key-a") == ["--resume"]
     assert _training_folder(folder, "key-b") == [] and not (folder / "checkpoints").exists()
+
+
+def test_temporaries_of_a_killed_demo_are_removed_by_the_next_one(tmp_path):
+    from rvl.demo.cli import _remove_temporaries
+
+    (tmp_path / "labelled_frontal").mkdir(parents=True)
+    (tmp_path / "labelled_frontal" / ".manifest.csv.tmp-123").write_text("half")
+    (tmp_path / ".train_multiview.next" / "checkpoints" / ".tmp-step_00000002").mkdir(parents=True)
+    (tmp_path / "labelled_frontal" / "manifest.csv").write_text("kept")
+    _remove_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []
+    assert (tmp_path / "labelled_frontal" / "manifest.csv").read_text() == "kept"
+    assert (tmp_path / ".train_multiview.next" / "checkpoints").is_dir()  # a resumable training is kept

@@ -139,6 +139,21 @@ class StageRunner:
         return result
 
 
+def _remove_temporaries(output: Path) -> None:
+    """Remove the hidden temporaries (``.NAME.tmp-PID``, ``.NAME.old-*``) a killed demo left in any of its stages'
+    folders: their writers died with it, and this demo holds the folder's lock."""
+    import shutil
+
+    found = [p for p in output.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    for path in sorted(found, key=lambda p: len(p.parts)):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if found:
+        print(f"rvl demo: removed {len(found)} temporary file(s) left by an interrupted run", flush=True)
+
+
 def _read_marker(marker: Path) -> dict[str, Any] | None:
     """A finished stage's record, or None (the stage runs again) when it is unreadable or its seal does not match."""
     from rvl.integrity import is_sealed
@@ -171,6 +186,7 @@ def _run_demo_locked(output: Path, studies: int, minutes: float | None, device: 
     from rvl.demo import stages as st
 
     output.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(output)
     t_start = time.time()
     device = st.resolve_device(device)
     recipe = st.load_recipe(device)
