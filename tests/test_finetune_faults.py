@@ -68,7 +68,7 @@ def test_every_file_is_checksummed_and_verify_is_clean(reference):
     assert _problems(reference) == []
 
 
-@pytest.mark.parametrize("target", ["result", "embeddings", "checksums"])
+@pytest.mark.parametrize("target", ["result", "embeddings", "checksums", "subsets"])
 def test_damaged_files_are_refused_naming_them(reference, cache, tmp_path, target):
     out = tmp_path / "FT"
     shutil.copytree(reference, out)
@@ -77,13 +77,25 @@ def test_damaged_files_are_refused_naming_them(reference, cache, tmp_path, targe
     elif target == "embeddings":
         damaged = next(out.glob("embeddings/*.npz"))
         shutil.rmtree(next(out.glob("runs/*__linear__*")))  # the linear run must read the cache again
+    elif target == "subsets":
+        damaged = next(out.glob("subsets/*.txt"))
     else:
         damaged = out / "checksums.json"
     corrupt(damaged, "flip", seed=3)
     assert any(Path(p).name == damaged.name for p, _ in _problems(out))
     done = subprocess.run(_argv(cache, out, "--resume"), env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert damaged.name in done.stderr and "rebuild with" in done.stderr
+    assert damaged.name in done.stderr and ("rebuild with" in done.stderr or "delete it" in done.stderr)
+
+
+def test_a_deleted_embeddings_cache_is_no_loss(reference, cache, tmp_path):
+    out = tmp_path / "FT"
+    shutil.copytree(reference, out)
+    next(out.glob("embeddings/*.npz")).unlink()
+    assert any(status == "missing" for _, status in _problems(out))
+    done = subprocess.run(_argv(cache, out, "--resume"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _problems(out) == [] and _predictions(out) == _predictions(reference)
 
 
 def test_a_deleted_table_is_rebuilt_and_the_results_are_unchanged(reference, cache, tmp_path):

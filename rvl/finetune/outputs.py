@@ -55,6 +55,9 @@ def seal_outputs(out_dir: Path, relpaths: list[str]) -> None:
     """
     table = read_table(out_dir)
     files = dict(table["files"]) if table else {}
+    # a deleted embeddings cache is no loss (it is computed again when a run needs it): it leaves the table
+    files = {rel: entry for rel, entry in files.items()
+             if not rel.startswith("embeddings/") or (out_dir / rel).is_file()}
     files.update(file_table(out_dir, relpaths)["files"])
     write_text_atomic(out_dir / CHECKSUMS_NAME, json.dumps(seal({"algorithm": ALGORITHM, "files": files}), indent=1))
 

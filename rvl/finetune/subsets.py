@@ -92,9 +92,9 @@ def write_subset(path: str | os.PathLike, patients: Sequence[str]) -> str:
     """
     path = Path(path)
     text = "\n".join(patients) + "\n"
-    if path.is_file() and path.read_text() != text:
+    if path.is_file() and path.read_bytes() != text.encode():  # bytes: a damaged file may not even be UTF-8
         raise ValueError(f"{path} holds a different patient list than this run draws (other data, labels or "
-                         "seeds?); use a new --output-dir")
+                         "seeds, or a damaged file: delete it to draw it again); use a new --output-dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
         write_text_atomic(path, text)
