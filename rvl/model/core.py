@@ -243,9 +243,10 @@ class RVLModel(nn.Module):
             was_training = text.training
             text.eval()
             try:
+                # full padded width on purpose: trimmed to the batch's longest text, a report's features would depend
+                # (in the last bits) on the batch it was first seen in, and a resumed run, whose cache starts empty,
+                # would no longer end bit-identical to an uninterrupted one
                 mask = (rows != text.config.pad_token_id).long()
-                width = max(1, int(mask.sum(1).max()))  # padding is masked out: run only up to the longest text
-                rows, mask = rows[:, :width], mask[:, :width]
                 pooled = text.pooler(text.transformer(input_ids=rows, attention_mask=mask), mask).float().cpu()
             finally:
                 text.train(was_training)
