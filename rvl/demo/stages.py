@@ -171,7 +171,7 @@ def stage_prepare(output: Path, labels: dict[str, Any], recipe: dict[str, Any]) 
     result: dict[str, Any] = {}
     for key, manifest, cache in (("cache", labels["manifest"], output / "cache"),
                                  ("frontal_cache", labels["frontal_manifest"], output / "cache_frontal")):
-        check_sidecar(manifest, rebuild=f"delete {output / 'stages' / 'label.json'} and rerun rvl demo")
+        check_sidecar(manifest, rebuild=f"delete {output / 'stages' / 'label.stage.json'} and rerun rvl demo")
         info = prepare(manifest, cache, size=recipe["image_size"])
         result[key] = str(cache)
         result[key + "_info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
