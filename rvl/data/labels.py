@@ -6,9 +6,10 @@ contrastive targets, the label head, validation AUC and kNN voting have nothing 
 (``label_source``: ``manifest``, ``rvl.nlp@VERSION`` or empty).
 
 Labelling is a fixed cost of every re-run of ``rvl prepare`` (the labeler reads ~1,500 phantom reports/s on 2 CPU
-cores: minutes for a large archive), so the labels of each distinct report text are kept in a memo beside the cache (``DIR/label_memo.parquet``,
-keyed by the text's sha256, with a checksum sidecar and the labeler version): a re-run, or a run on a grown archive,
-labels only the reports it has not seen. The labeler is deterministic, so the labels are those of a full run.
+cores: minutes for a large archive), so the labels of each distinct report text are kept in a memo beside the cache
+(``DIR/label_memo.parquet``, keyed by the text's sha256, with a checksum sidecar and the labeler version): a re-run,
+or a run on a grown archive, labels only the reports it has not seen. The labeler is deterministic, so the labels are
+those of a full run.
 """
 from __future__ import annotations
 
