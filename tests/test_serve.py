@@ -355,6 +355,7 @@ def test_browser_upload_finding_heatmap_similar_search(browser_missing, archive,
     if browser_missing:
         pytest.fail(browser_missing)
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -392,7 +393,8 @@ def test_browser_upload_finding_heatmap_similar_search(browser_missing, archive,
             time.sleep(0.3)
         os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a driver
         driver = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
-        wait = WebDriverWait(driver, 60)
+        # the page re-renders lists while the test polls them: an element seen a moment ago may be gone
+        wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(f"http://127.0.0.1:{port}/#token={token}")  # the page keeps it and sends it as a header
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#findings .finding")) == 14)
         row = archive["frame"].iloc[0]
