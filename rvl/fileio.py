@@ -13,10 +13,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["OutputBusyError", "exclusive_output", "raise_if_disk_full", "replace_dir", "write_json_atomic",
-           "write_text_atomic"]
+__all__ = ["OutputBusyError", "exclusive_output", "raise_if_disk_full", "remove_temporaries", "replace_dir",
+           "write_atomic", "write_json_atomic", "write_text_atomic"]
 
 # Below this much free space a failed write is reported as a full disk: torch and some C writers report ENOSPC as
 # "iostream error" / "unexpected pos" without the errno.
@@ -27,16 +27,35 @@ class OutputBusyError(RuntimeError):
     """Another process is writing the same output (its lock is held); nothing was written."""
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file in the same folder and one rename."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path`` (``.NAME.tmp-PID`` + ``suffix``, for writers that
+    insist on an extension), then rename it over ``path``; on any failure the temporary file is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
         raise
+    return path
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Remove the hidden temporaries (``.NAME.tmp-*``, ``.NAME.old-*``) that killed writers left anywhere under
+    ``folder``; only for a caller holding the folder's output lock. Returns how many were removed."""
+    found = [p for p in Path(folder).rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    for path in sorted(found, key=lambda p: len(p.parts)):  # a folder before what it holds
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(found)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file in the same folder and one rename."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:

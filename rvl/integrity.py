@@ -30,7 +30,8 @@ from rvl.fileio import write_text_atomic
 
 __all__ = ["ALGORITHM", "FAST", "CHECKSUMS_NAME", "SIDECAR_SUFFIX", "FileStatus", "IntegrityError", "check_files",
            "check_seal", "check_sidecar", "fast_digest", "file_digest", "file_table", "is_sealed", "read_checksums",
-           "read_sidecar", "require_intact", "seal", "write_checksums", "write_sidecar"]
+           "read_sealed_json", "read_sidecar", "require_intact", "seal", "write_checksums", "write_sealed_json",
+           "write_sidecar"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,23 @@ def seal(record: dict[str, Any]) -> dict[str, Any]:
 def is_sealed(record: Any) -> bool:
     """Whether ``record`` is a dict whose ``seal`` matches its content."""
     return isinstance(record, dict) and record.get("seal") == hashlib.sha256(_canonical(record)).hexdigest()
+
+
+def write_sealed_json(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write ``record`` atomically as indented JSON sealed with the sha256 of its own content (values JSON cannot hold
+    are written as strings first, so the seal covers exactly what a reader parses)."""
+    write_text_atomic(path, json.dumps(seal(json.loads(json.dumps(record, default=str))), indent=2))
+
+
+def read_sealed_json(path: str | os.PathLike, what: str = "record", rebuild: str | None = None) -> dict[str, Any]:
+    """A record written by :func:`write_sealed_json`; :class:`IntegrityError` when it is unreadable or altered."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IntegrityError(path, f"unreadable {what} ({err})", rebuild=rebuild) from None
+    if not is_sealed(record):
+        raise IntegrityError(path, f"{what} was altered (its seal does not match)", rebuild=rebuild)
+    return record
 
 
 def check_seal(record: Any, where: str | os.PathLike, rebuild: str | None = None) -> dict[str, Any]:
@@ -258,7 +276,6 @@ def read_sidecar(path: str | os.PathLike, rebuild: str | None = None) -> str:
 def check_sidecar(path: str | os.PathLike, rebuild: str | None = None) -> str:
     """Check a file against its ``.sha256`` sidecar: 'ok', or :class:`IntegrityError` (missing sidecar included)."""
     path = Path(path)
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     if not path.is_file():
         raise IntegrityError(path, "missing", rebuild=rebuild)
     expected = read_sidecar(path, rebuild)

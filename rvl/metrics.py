@@ -140,15 +140,10 @@ def save_figure(fig, out: str | os.PathLike) -> Path:
     """Write a matplotlib figure as PNG atomically (temp file in the same folder, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    out = Path(out)
+    from rvl.fileio import write_atomic
+
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-    return out

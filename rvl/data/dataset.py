@@ -109,8 +109,7 @@ class StudyDataset(torch.utils.data.Dataset):
         self._views = [list(v) for v in frame["view_positions"]]
         self._paths = [list(p) for p in frame["image_paths"]]
         # a cache's original image sizes (version 2 on): a tiny original is caught behind its resized square
-        self._original_sizes = [[(int(h), int(w)) for h, w in v] for v in frame["image_sizes"]] \
-            if "image_sizes" in frame else None
+        self._original_sizes = list(frame["image_sizes"]) if "image_sizes" in frame else None  # (h, w) per view
         self._text = list(zip(frame["report"].astype(str), frame["study_id"].astype(str),
                               frame["patient_id"].astype(str)))
         self._pixels = None  # pyarrow column of the cache, opened lazily (and again in each DataLoader worker)

@@ -56,7 +56,7 @@ def check_not_degenerate(image: np.ndarray, path: str | os.PathLike, min_side: i
         override: how the caller lets such images through (appended to the message, e.g. "pass --allow-degenerate").
         original_shape: (height, width) of the original when ``image`` is a resized copy (a prepared cache).
     """
-    height, width = original_shape or image.shape[:2]
+    height, width = image.shape[:2] if original_shape is None else original_shape
     hint = f"; {override}" if override else ""
     if min(height, width) < min_side:
         raise DegenerateImageError(path, f"{width} x {height} px{' (original)' if original_shape else ''} is smaller "

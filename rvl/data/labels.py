@@ -60,6 +60,7 @@ def _load_memo(path: Path) -> dict[str, np.ndarray]:
 
 
 def _save_memo(path: Path, memo: dict[str, np.ndarray]) -> None:
+    from rvl.fileio import write_atomic
     from rvl.integrity import write_sidecar
 
     keys = sorted(memo)
@@ -67,13 +68,7 @@ def _save_memo(path: Path, memo: dict[str, np.ndarray]) -> None:
                          columns=CHEXPERT_LABELS)
     table.insert(0, "key", keys)
     table["source"] = nlp_label_source()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
     write_sidecar(path)
 
 

@@ -26,6 +26,7 @@ from rvl.data.cache_files import read_cache_frame
 from rvl.data.dicom_folder import read_dicom_folder
 from rvl.data.schema import (MANIFEST_COLUMNS, MANIFEST_FORMATS, MIMIC_METADATA, SPLIT_ALIASES, ManifestError,
                              assign_splits, compose_report, finalize_manifest)
+from rvl.fileio import write_atomic
 
 __all__ = ["MANIFEST_COLUMNS", "MANIFEST_FORMATS", "ManifestError", "read_manifest", "detect_format",
            "finalize_manifest", "assign_splits", "compose_report", "write_manifest"]
@@ -108,16 +109,12 @@ def write_manifest(frame: pd.DataFrame, out_dir: str | os.PathLike, relative_to:
     if relative_to is not None:
         frame["image_paths"] = [[os.path.relpath(p, relative_to) for p in ps] for ps in frame["image_paths"]]
     parquet, csv = out_dir / "manifest.parquet", out_dir / "manifest.csv"
-    tmp = parquet.with_name(f".{parquet.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, parquet)
+    write_atomic(parquet, lambda tmp: frame.to_parquet(tmp, index=False))
     as_csv = frame.copy()
     for col in as_csv.columns:  # every list column (image_paths, view_positions, dicom_paths...) as JSON
         if any(isinstance(v, (list, tuple, np.ndarray)) for v in as_csv[col]):
             as_csv[col] = [json.dumps(list(v)) if isinstance(v, (list, tuple, np.ndarray)) else v for v in as_csv[col]]
-    tmp = csv.with_name(f".{csv.name}.tmp-{os.getpid()}")
-    as_csv.to_csv(tmp, index=False)
-    os.replace(tmp, csv)
+    write_atomic(csv, lambda tmp: as_csv.to_csv(tmp, index=False))
     return parquet, csv
 
 

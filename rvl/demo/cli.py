@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rvl.fileio import write_json_atomic
-from rvl.integrity import seal, write_sidecar
+from rvl.integrity import write_sealed_json, write_sidecar
 
 DEFAULT_STUDIES = 2000
 DEFAULT_MINUTES = 9.0
@@ -132,38 +131,31 @@ class StageRunner:
         result = fn()
         self.seconds[name] = round(time.time() - t0, 1)
         # sealed: a damaged marker is never taken for a finished stage (its result would be used as if true)
-        write_json_atomic(marker, seal(json.loads(json.dumps({
-            "hash": digest, "settings": settings, "seconds": self.seconds[name], "result": result}, default=str))))
+        write_sealed_json(marker, {"hash": digest, "settings": settings, "seconds": self.seconds[name],
+                                   "result": result})
         write_sidecar(marker)
         print(f"{number} {name} done in {self.seconds[name]:.0f} s", flush=True)
         return result
 
 
 def _remove_temporaries(output: Path) -> None:
-    """Remove the hidden temporaries (``.NAME.tmp-PID``, ``.NAME.old-*``) a killed demo left in any of its stages'
-    folders: their writers died with it, and this demo holds the folder's lock."""
-    import shutil
+    """Remove the hidden temporaries a killed demo left in any of its stages' folders: their writers died with it, and
+    this demo holds the folder's lock."""
+    from rvl.fileio import remove_temporaries
 
-    found = [p for p in output.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
-    for path in sorted(found, key=lambda p: len(p.parts)):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    found = remove_temporaries(output)
     if found:
-        print(f"rvl demo: removed {len(found)} temporary file(s) left by an interrupted run", flush=True)
+        print(f"rvl demo: removed {found} temporary file(s) left by an interrupted run", flush=True)
 
 
 def _read_marker(marker: Path) -> dict[str, Any] | None:
     """A finished stage's record, or None (the stage runs again) when it is unreadable or its seal does not match."""
-    from rvl.integrity import is_sealed
+    from rvl.integrity import IntegrityError, read_sealed_json
 
     try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        record = None
-    if is_sealed(record):
-        return record
+        return read_sealed_json(marker, "stage record")
+    except (OSError, IntegrityError):
+        pass
     print(f"rvl demo: the stage record {marker} is damaged (or from an older rvl): running that stage again",
           file=sys.stderr, flush=True)
     return None

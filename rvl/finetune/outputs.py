@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rvl.fileio import write_json_atomic, write_text_atomic
-from rvl.integrity import (ALGORITHM, CHECKSUMS_NAME, IntegrityError, all_files, file_digest, file_table, is_sealed,
-                           read_checksums, require_intact, seal)
+from rvl.fileio import remove_temporaries, write_atomic, write_text_atomic
+from rvl.integrity import (ALGORITHM, CHECKSUMS_NAME, IntegrityError, all_files, file_digest, file_table,
+                           read_checksums, read_sealed_json, require_intact, seal, write_sealed_json)
 
 __all__ = ["adopt_run", "clean_temporaries", "file_hashes", "is_finetune_folder", "load_embeddings", "read_result",
            "read_table", "save_embeddings", "seal_outputs", "table_files", "write_result"]
@@ -70,7 +69,7 @@ def read_table(out_dir: Path) -> dict[str, Any] | None:
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
     """Write a run's ``result.json`` sealed (the sha256 of its own content under ``seal``)."""
-    write_json_atomic(path, seal(json.loads(json.dumps(result, default=str))))
+    write_sealed_json(path, result)
 
 
 def file_hashes(out_dir: Path, paths: list[Path]) -> dict[str, str]:
@@ -105,14 +104,8 @@ def adopt_run(out_dir: Path, result_path: Path) -> list[str]:
 
 def read_result(path: Path) -> dict[str, Any]:
     """A finished run's record, after checking its seal."""
-    rebuild = f"delete {path.parent} and rerun rvl finetune --resume (that run is trained again)"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IntegrityError(path, f"unreadable result record ({err})", rebuild=rebuild) from None
-    if not is_sealed(record):
-        raise IntegrityError(path, "result record was altered (its seal does not match)", rebuild=rebuild)
-    return record
+    return read_sealed_json(path, "result record",
+                            f"delete {path.parent} and rerun rvl finetune --resume (that run is trained again)")
 
 
 def load_embeddings(out_dir: Path, path: Path, names: list[str]) -> dict[str, dict[str, np.ndarray]] | None:
@@ -134,23 +127,14 @@ def load_embeddings(out_dir: Path, path: Path, names: list[str]) -> dict[str, di
 
 def save_embeddings(path: Path, out: dict[str, dict[str, np.ndarray]]) -> None:
     """Write the embeddings cache atomically (a hidden temporary file, then one rename)."""
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, **{f"{n}_{k}": v for n, d in out.items() for k, v in d.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    arrays = {f"{n}_{k}": v for n, d in out.items() for k, v in d.items()}
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")  # np.savez appends .npz otherwise
 
 
 def clean_temporaries(out_dir: Path) -> int:
     """Remove the hidden temporaries a killed run left (the caller holds the folder's lock)."""
-    found = [p for p in out_dir.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    found = remove_temporaries(out_dir)
     if found:
-        logger.info("removed %d temporary file(s) left by an interrupted run", len(found))
-    return len(found)
+        logger.info("removed %d temporary file(s) left by an interrupted run", found)
+    return found
